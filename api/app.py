@@ -1,0 +1,67 @@
+"""The front door: application factory and process entry point."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api.keys import BROKER, SETTINGS, STORE
+from api.messages import create_message
+from api.middleware import errors_middleware
+from api.responses import json_response
+from shared.broker import Broker
+from shared.logging import get_logger
+from shared.settings import Settings
+from shared.store import Store
+
+log = get_logger("ferry.api")
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[STORE] = await Store.connect(settings.database_url, max_size=settings.db_pool_size)
+    yield
+    await app[STORE].close()
+
+
+async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[BROKER] = await Broker.connect(app[SETTINGS])
+    yield
+    await app[BROKER].close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    problems = []
+    try:
+        await request.app[STORE].ping()
+    except Exception as exc:  # any failure means not ready; say which
+        problems.append(f"database: {type(exc).__name__}")
+    if not request.app[BROKER].is_connected:
+        problems.append("broker: not connected")
+    if problems:
+        return json_response({"status": "unavailable", "problems": problems}, status=503)
+    return json_response({"status": "ready"})
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[errors_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_broker_ctx)
+    app.router.add_post("/anthropic/v1/messages", create_message)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def run(settings: Settings) -> None:
+    log.info("api starting", host=settings.host, port=settings.port,
+             namespace=settings.namespace)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port,
+                access_log=None, print=None, handle_signals=True)

@@ -1,0 +1,119 @@
+"""POST /anthropic/v1/messages: validate, publish, answer. No provider is called here."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from api.keys import BROKER, SETTINGS, STORE
+from api.responses import json_bytes, json_response
+from shared.errors import InvalidRequest, NotFound, NotImplementedYet
+from shared.jobs import JobEnvelope, caller_hash, format_job_id, new_job_id, parse_job_id
+from shared.settings import Settings
+from shared.store import NewJob
+from shared.wire import MessagesRequest, describe_validation_error, parse_request
+
+ASYNC = "x-bf-async"
+ASYNC_ID = "x-bf-async-id"
+ASYNC_TTL = "x-bf-async-job-result-ttl"
+ASYNC_STATUS = "x-bf-async-status"
+
+_JSON_TYPES = ("application/json",)
+
+
+def parse_async_flag(value: str | None) -> bool:
+    if value is None:
+        return False
+    flag = value.strip().lower()
+    if flag in ("true", "1"):
+        return True
+    if flag in ("false", "0", ""):
+        return False
+    raise InvalidRequest(f"{ASYNC} must be 'true' or 'false', got {value!r}")
+
+
+def parse_ttl(value: str | None, settings: Settings) -> int:
+    if value is None:
+        return settings.result_ttl_default_s
+    try:
+        ttl = int(value.strip())
+    except ValueError:
+        raise InvalidRequest(f"{ASYNC_TTL} must be a whole number of seconds, got {value!r}")
+    if not 0 <= ttl <= settings.result_ttl_max_s:
+        raise InvalidRequest(
+            f"{ASYNC_TTL} must be between 0 and {settings.result_ttl_max_s} seconds, got {ttl}"
+        )
+    return ttl
+
+
+async def read_request(request: web.Request) -> tuple[bytes, MessagesRequest]:
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None:
+        mime = content_type.split(";", 1)[0].strip().lower()
+        if mime not in _JSON_TYPES and not mime.endswith("+json"):
+            raise InvalidRequest(f"Content-Type must be application/json, got {content_type!r}")
+    body = await request.read()  # aiohttp enforces client_max_size (413)
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON Messages request")
+    try:
+        return body, parse_request(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc, body)) from None
+
+
+def pending_message(job_id: str, model: str) -> dict[str, object]:
+    return {
+        "id": job_id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    }
+
+
+async def create_message(request: web.Request) -> web.StreamResponse:
+    headers = request.headers
+    caller = caller_hash(headers.get("x-api-key"), headers.get("authorization"))
+    poll_id = headers.get(ASYNC_ID)
+    if poll_id is not None:
+        return await poll_job(request, poll_id, caller)
+
+    is_async = parse_async_flag(headers.get(ASYNC))
+    body, message_request = await read_request(request)
+    if not is_async:
+        raise NotImplementedYet(
+            "only async requests (x-bf-async: true) are served yet; sync and streaming are next"
+        )
+    if message_request.stream:
+        raise InvalidRequest("streaming is not supported for async requests")
+    return await submit_job(request, body, message_request, caller)
+
+
+async def submit_job(request: web.Request, body: bytes, message_request: MessagesRequest,
+                     caller: bytes) -> web.Response:
+    settings = request.app[SETTINGS]
+    ttl = parse_ttl(request.headers.get(ASYNC_TTL), settings)
+    job_id = new_job_id()
+    job = NewJob(job_id, caller, "async", message_request.model, "anthropic", ttl)
+    envelope = JobEnvelope(
+        job_id=job_id, mode="async", model=message_request.model, provider="anthropic",
+        anthropic_version=request.headers.get("anthropic-version"),
+        anthropic_beta=request.headers.get("anthropic-beta"), body=body,
+    )
+    async with request.app[STORE].submitting(job):
+        await request.app[BROKER].publish_job(envelope)
+    return json_response(
+        pending_message(format_job_id(job_id), message_request.model),
+        headers={ASYNC_STATUS: "pending"},
+    )
+
+
+async def poll_job(request: web.Request, poll_id: str, caller: bytes) -> web.Response:
+    job_id = parse_job_id(poll_id)
+    view = await request.app[STORE].get_job(job_id, caller) if job_id else None
+    if view is None:
+        raise NotFound(f"async job {poll_id!r} not found (unknown, expired, or not yours)")
+    status_header = {ASYNC_STATUS: view.status}
+    if view.status in ("pending", "processing"):
+        return json_response(pending_message(poll_id, view.model), headers=status_header)
+    assert view.body is not None
+    status = (view.http_status or 500) if view.status == "failed" else 200
+    return json_bytes(view.body, status=status, headers=status_header)

@@ -1,0 +1,235 @@
+"""What the fake provider answers: directives read from the prompt, and the reply derived from it.
+
+Nothing here knows a wire format; `dialects` spells an `Answer` as Anthropic or OpenAI.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+StopReason = Literal["end_turn", "max_tokens", "tool_use"]
+
+TOOL_CALL_TOKENS = 10
+MIN_TOOL_JSON_PIECES = 3
+
+_DIRECTIVE = re.compile(r"\[\[fake:([^\]]*)\]\]")
+_DIRECTIVE_WITH_SPACE = re.compile(r"\s*\[\[fake:[^\]]*\]\]\s*")
+_WORD = re.compile(r"\S+")
+_WORD_WITH_SPACE = re.compile(r"\s*\S+\s*|\s+")
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+class InvalidRequest(ValueError):
+    """The request (or a directive in it) is malformed: answered with a 400."""
+
+
+@dataclass(frozen=True)
+class Directives:
+    delay: float = 0.0
+    status: int | None = None
+    retry_after: str | None = None
+    fail_times: int | None = None
+    tool: str | None = None
+    tools: int = 1
+    blocks: int = 1
+    chunks: int | None = None
+    stream_delay: float = 0.0
+    error_after: int | None = None
+
+    @property
+    def failure_status(self) -> int | None:
+        """The status to fail with, if this request is meant to fail at all."""
+        if self.fail_times is not None:
+            return self.status or 500
+        return self.status
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The parts of a request the answer depends on, whatever the wire format."""
+
+    model: str
+    text: str  # the last user message's text, directives included
+    input_words: int
+    max_tokens: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Answer:
+    id: str
+    model: str
+    texts: list[str]
+    tool_calls: list[ToolCall]
+    stop_reason: StopReason
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class _Budget:
+    limit: int | None
+    used: int = 0
+    cut: bool = False
+
+    def take(self, words: int) -> int:
+        """How many of `words` still fit; marks the answer cut when not all do."""
+        room = words if self.limit is None else max(0, min(words, self.limit - self.used))
+        if room < words:
+            self.cut = True
+        self.used += room
+        return room
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def parse_directives(text: str) -> tuple[Directives, str]:
+    """Read every `[[fake:NAME=VALUE,...]]` in `text`; return them and the text without them."""
+    values: dict[str, Any] = {}
+    for match in _DIRECTIVE.finditer(text):
+        for item in match.group(1).split(","):
+            name, sep, value = item.strip().partition("=")
+            _apply(values, name.strip(), value.strip() if sep else None)
+    clean = _DIRECTIVE_WITH_SPACE.sub(" ", text).strip()
+    return Directives(**values), clean
+
+
+def _apply(values: dict[str, Any], name: str, value: str | None) -> None:
+    if name == "fail_once":
+        values["fail_times"] = 1
+        values["status"] = 500 if value is None else _status(name, value)
+        return
+    if value is None:
+        raise InvalidRequest(f"fake directive {name!r} needs a value: [[fake:{name}=...]]")
+    if name in ("delay", "stream_delay"):
+        values[name] = _number(name, value)
+    elif name == "retry_after":
+        _number(name, value)
+        values[name] = value  # sent back exactly as written
+    elif name == "status":
+        values[name] = _status(name, value)
+    elif name in ("fail_times", "tools", "blocks", "chunks"):
+        values[name] = _integer(name, value, minimum=1)
+    elif name == "error_after":
+        values[name] = _integer(name, value, minimum=0)
+    elif name == "tool":
+        if not _TOOL_NAME.match(value):
+            raise InvalidRequest(f"fake directive tool={value!r}: not a valid tool name")
+        values[name] = value
+    else:
+        # A typo must not let a test pass silently with the default behaviour.
+        raise InvalidRequest(f"unknown fake directive {name!r}")
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(f"fake directive {name}={value!r}: not a number") from None
+    if not number >= 0:
+        raise InvalidRequest(f"fake directive {name}={value!r}: must be >= 0")
+    return number
+
+
+def _integer(name: str, value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidRequest(f"fake directive {name}={value!r}: not an integer") from None
+    if number < minimum:
+        raise InvalidRequest(f"fake directive {name}={value!r}: must be >= {minimum}")
+    return number
+
+
+def _status(name: str, value: str) -> int:
+    code = _integer(name, value, minimum=400)
+    if code > 599:
+        raise InvalidRequest(f"fake directive {name}={value!r}: must be a 4xx or 5xx status")
+    return code
+
+
+def build_answer(
+    prompt: Prompt, directives: Directives, clean_text: str, answer_id: str, tool_id_prefix: str
+) -> Answer:
+    """Derive the reply from the prompt, cut to `max_tokens` words (a tool call costs 10)."""
+    reply = f"echo: {clean_text}"
+    if directives.blocks == 1:
+        candidates = [reply]
+    else:
+        candidates = [f"{reply} [{i}]" for i in range(directives.blocks)]
+    budget = _Budget(prompt.max_tokens)
+    texts: list[str] = []
+    for text in candidates:
+        words = count_words(text)
+        kept = budget.take(words)
+        if kept:
+            texts.append(text if kept == words else first_words(text, kept))
+        if budget.cut:
+            break
+    tool_calls: list[ToolCall] = []
+    if directives.tool is not None:
+        for n in range(1, directives.tools + 1):
+            if budget.cut or budget.take(TOOL_CALL_TOKENS) < TOOL_CALL_TOKENS:
+                break
+            call_input = {"query": clean_text, "n": n}
+            tool_calls.append(ToolCall(new_id(tool_id_prefix), directives.tool, call_input))
+    stop: StopReason = "max_tokens" if budget.cut else "tool_use" if tool_calls else "end_turn"
+    return Answer(
+        id=answer_id,
+        model=prompt.model,
+        texts=texts,
+        tool_calls=tool_calls,
+        stop_reason=stop,
+        input_tokens=max(1, prompt.input_words),
+        output_tokens=sum(count_words(t) for t in texts) + TOOL_CALL_TOKENS * len(tool_calls),
+    )
+
+
+def first_words(text: str, n: int) -> str:
+    """`text` up to the end of its n-th word, spacing kept."""
+    matches = list(_WORD.finditer(text))
+    return text if n >= len(matches) else text[: matches[n - 1].end()]
+
+
+def split_text(text: str, pieces: int | None) -> list[str]:
+    """Split into `pieces` deltas, or one per word (trailing space kept) when None.
+
+    The concatenation is always exactly `text`, and no piece is empty.
+    """
+    if not text:
+        return []
+    if pieces is None:
+        return _WORD_WITH_SPACE.findall(text)
+    return _even_split(text, min(pieces, len(text)))
+
+
+def split_json(encoded: str, pieces: int | None) -> list[str]:
+    """Split a tool's input JSON into at least three `partial_json` pieces."""
+    return _even_split(encoded, min(max(MIN_TOOL_JSON_PIECES, pieces or 0), len(encoded)))
+
+
+def _even_split(text: str, pieces: int) -> list[str]:
+    size, extra = divmod(len(text), pieces)
+    out, start = [], 0
+    for i in range(pieces):
+        end = start + size + (1 if i < extra else 0)
+        out.append(text[start:end])
+        start = end
+    return out

@@ -1,0 +1,184 @@
+"""All SQL. The api and the worker talk to PostgreSQL only through this module."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from shared.errors import Unavailable
+from shared.jobs import Mode, Status
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    id: uuid.UUID
+    caller_hash: bytes
+    mode: Mode
+    model: str
+    provider: str
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """What a poll sees. `body` is the stored result (message or error envelope), verbatim."""
+
+    id: uuid.UUID
+    status: Status
+    model: str
+    http_status: int | None
+    body: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    status: Status
+    deliveries: int
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job ended, for the history row."""
+
+    status: Status  # completed | failed
+    body: bytes
+    attempts: int
+    http_status: int | None = None
+    error_type: str | None = None
+    stop_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+_POSTGRES_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 20) -> Store:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1")
+
+    # --- api -------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def submitting(self, job: NewJob) -> AsyncIterator[None]:
+        """Insert the job and keep the transaction open while the caller publishes it.
+
+        The row commits only if the body of the `async with` succeeds (the broker confirmed),
+        so a failed publish or a crash leaves no job behind that would stay pending forever.
+        """
+        try:
+            conn: asyncpg.Connection
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    job.id, job.caller_hash, job.mode, job.model, job.provider, job.ttl_seconds,
+                )
+                yield
+        except _POSTGRES_DOWN as exc:
+            raise Unavailable("the job store is unavailable; retry later") from exc
+
+    async def get_job(self, job_id: uuid.UUID, caller_hash: bytes) -> JobView | None:
+        """The job as its submitter may see it; None if unknown, someone else's, or expired."""
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT j.status, j.model, j.http_status, r.body"
+                " FROM jobs j LEFT JOIN job_results r ON r.job_id = j.id"
+                " WHERE j.id = $1 AND j.caller_hash = $2"
+                " AND (j.expires_at IS NULL OR j.expires_at > now())",
+                job_id, caller_hash,
+            )
+        except _POSTGRES_DOWN as exc:
+            raise Unavailable("the job store is unavailable; retry later") from exc
+        if row is None:
+            return None
+        status = row["status"]
+        if status in ("completed", "failed") and row["body"] is None:
+            return None  # result already swept
+        return JobView(job_id, status, row["model"], row["http_status"], row["body"])
+
+    # --- worker ----------------------------------------------------------------------------
+
+    async def claim(self, job_id: uuid.UUID, worker_id: str) -> Claim | None:
+        """Mark the job processing (again, after a redelivery). None if there is no such job;
+        a finished job is returned unchanged so a redelivered message is simply acked."""
+        row = await self._pool.fetchrow(
+            "WITH claimed AS ("
+            " UPDATE jobs SET status = 'processing', started_at = coalesce(started_at, now()),"
+            " deliveries = deliveries + 1, worker_id = $2"
+            " WHERE id = $1 AND status IN ('pending', 'processing')"
+            " RETURNING status, deliveries, ttl_seconds)"
+            " SELECT * FROM claimed UNION ALL"
+            " SELECT status, deliveries, ttl_seconds FROM jobs"
+            " WHERE id = $1 AND NOT EXISTS (SELECT FROM claimed)",
+            job_id, worker_id,
+        )
+        if row is None:
+            return None
+        return Claim(row["status"], row["deliveries"], row["ttl_seconds"])
+
+    async def finish(self, job_id: uuid.UUID, outcome: Outcome) -> bool:
+        """Store the result and the history in one transaction. Idempotent: a job that is
+        already finished keeps its first result; returns whether this call finished it."""
+        conn: asyncpg.Connection
+        async with self._pool.acquire() as conn, conn.transaction():
+            expires_at: datetime | None = await conn.fetchval(
+                "UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4,"
+                " error_type = $5, stop_reason = $6, input_tokens = $7, output_tokens = $8,"
+                " cache_creation_input_tokens = $9, cache_read_input_tokens = $10,"
+                " completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)"
+                " WHERE id = $1 AND status IN ('pending', 'processing')"
+                " RETURNING expires_at",
+                job_id, outcome.status, outcome.attempts, outcome.http_status,
+                outcome.error_type, outcome.stop_reason, outcome.input_tokens,
+                outcome.output_tokens, outcome.cache_creation_input_tokens,
+                outcome.cache_read_input_tokens,
+            )
+            if expires_at is None:
+                return False
+            await conn.execute(
+                "INSERT INTO job_results (job_id, body, expires_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (job_id) DO NOTHING",
+                job_id, outcome.body.decode(), expires_at,
+            )
+            return True
+
+    # --- sweeper ---------------------------------------------------------------------------
+
+    async def sweep_expired(self, batch: int) -> int:
+        """Delete one bounded batch of expired results in a short transaction."""
+        status = await self._pool.execute(
+            "DELETE FROM job_results WHERE job_id IN ("
+            " SELECT job_id FROM job_results WHERE expires_at <= now()"
+            " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+            batch,
+        )
+        return int(status.split()[-1])
+
+    async def try_sweeper_lock(self, conn: asyncpg.Connection, key: int) -> bool:
+        return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._pool.acquire() as conn:
+            yield conn

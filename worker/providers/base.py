@@ -1,0 +1,52 @@
+"""The one interface every provider adapter implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.wire import ErrorEnvelope, error_type_for_status
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Per-call facts the client sent that the provider must see."""
+
+    anthropic_version: str | None = None
+    anthropic_beta: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResponse:
+    """A successful answer: the Anthropic Message as JSON bytes, and its parsed usage."""
+
+    body: bytes
+    stop_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """A failed call. `status` is what the client should see; `retryable` says if trying the
+    same call again may succeed; `retry_after` is the provider's hint in seconds."""
+
+    def __init__(self, status: int, error_type: str | None, message: str, *,
+                 retryable: bool | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type or error_type_for_status(status)
+        self.message = message
+        self.retryable = status in RETRYABLE_STATUSES if retryable is None else retryable
+        self.retry_after = retry_after
+
+    def envelope(self) -> ErrorEnvelope:
+        return ErrorEnvelope.of(self.error_type, self.message)
+
+
+class Provider(Protocol):
+    name: str
+
+    async def create_message(self, body: bytes, ctx: CallContext) -> ProviderResponse:
+        """Send a non-streaming Messages request; raise ProviderError on failure."""
+        ...

@@ -1,0 +1,53 @@
+"""Retry policy: bounded attempts, exponential backoff with full jitter, retry-after honoured."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from worker.providers.base import ProviderError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 4
+    base_s: float = 0.5
+    max_s: float = 30.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        backoff = random.uniform(0, min(self.max_s, self.base_s * 2 ** (attempt - 1)))
+        if retry_after is not None:
+            return max(retry_after, backoff) if retry_after <= self.max_s else retry_after
+        return backoff
+
+
+@dataclass(slots=True)
+class Attempts:
+    count: int = 0
+
+
+async def call_with_retries(
+    policy: RetryPolicy,
+    call: Callable[[], Awaitable[T]],
+    attempts: Attempts,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Run `call` until it succeeds, fails for good, or the attempts are used up.
+    `attempts.count` says how many calls were made, also when it raises."""
+    while True:
+        attempts.count += 1
+        try:
+            return await call()
+        except ProviderError as exc:
+            if not exc.retryable or attempts.count >= policy.max_attempts:
+                raise
+            wait = policy.delay(attempts.count, exc.retry_after)
+            if wait > policy.max_s:
+                raise  # the provider asks for longer than we hold a slot for
+        await sleep(wait)

@@ -1,0 +1,161 @@
+"""The worker loop: consume jobs, call the provider, store the outcome, then ack.
+
+Lifecycle: prefetch = concurrency, one task per message. On SIGTERM stop taking messages, let
+in-flight calls finish within the grace period, then cancel the rest and nack them so another
+worker gets them. A message is acked only after its outcome is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+from collections.abc import Mapping
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from shared.broker import Broker, job_envelope
+from shared.jobs import JobEnvelope, format_job_id
+from shared.logging import get_logger
+from shared.settings import Settings
+from shared.store import Outcome, Store
+from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
+from worker.retry import Attempts, RetryPolicy, call_with_retries
+
+log = get_logger("ferry.worker")
+
+# The api commits the job row right after the broker confirms the message, so a fast worker
+# can see the message before the row: look again briefly before calling it an orphan.
+_MISSING_ROW_WAITS = (0.05, 0.2, 0.5, 1.0)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store, broker: Broker,
+                 providers: Mapping[str, Provider], worker_id: str | None = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._broker = broker
+        self._providers = providers
+        self.worker_id = worker_id or default_worker_id()
+        self._retry = RetryPolicy(settings.provider_max_attempts, settings.retry_base_s,
+                                  settings.retry_max_s)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        queue, tag = await self._broker.consume_jobs(
+            self._on_message, prefetch=self._settings.worker_concurrency
+        )
+        log.info("worker consuming", worker_id=self.worker_id, queue=queue.name,
+                 concurrency=self._settings.worker_concurrency)
+        await stop.wait()
+        log.info("worker stopping", worker_id=self.worker_id, in_flight=len(self._tasks))
+        await queue.cancel(tag)
+        await self._drain(self._settings.shutdown_grace_s)
+        log.info("worker stopped", worker_id=self.worker_id)
+
+    async def _drain(self, grace_s: float) -> None:
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()  # the task nacks its message on cancellation
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
+        try:
+            envelope = job_envelope(message)
+        except ValueError as exc:
+            log.error("undecodable job message, dead-lettering", error=str(exc))
+            await message.reject(requeue=False)
+            return
+        structlog.contextvars.bind_contextvars(job_id=format_job_id(envelope.job_id))
+        try:
+            await self._process(message, envelope)
+        except asyncio.CancelledError:
+            await _settle(message.nack(requeue=True))
+            log.info("job handed back to the queue")
+            raise
+        except Exception:
+            # The store or broker failed under us: give it a moment, then let the queue
+            # redeliver; x-delivery-limit bounds how often.
+            log.exception("job processing failed; requeueing")
+            await asyncio.sleep(random.uniform(0.5, 2.0))
+            await _settle(message.nack(requeue=True))
+
+    async def _process(self, message: AbstractIncomingMessage, envelope: JobEnvelope) -> None:
+        claim = await self._store.claim(envelope.job_id, self.worker_id)
+        for wait in _MISSING_ROW_WAITS:
+            if claim is not None:
+                break
+            await asyncio.sleep(wait)
+            claim = await self._store.claim(envelope.job_id, self.worker_id)
+        if claim is None:
+            log.warning("job message without a job row (submit was rolled back); dead-lettering")
+            await message.reject(requeue=False)
+            return
+        if claim.status in ("completed", "failed"):
+            log.info("redelivered job already finished", status=claim.status)
+            await message.ack()
+            return
+
+        outcome = await self._call(envelope)
+        finished = await self._store.finish(envelope.job_id, outcome)
+        await message.ack()
+        log.info("job finished", status=outcome.status, attempts=outcome.attempts,
+                 http_status=outcome.http_status, first=finished)
+
+    async def _call(self, envelope: JobEnvelope) -> Outcome:
+        provider = self._providers.get(envelope.provider)
+        if provider is None:
+            err = ProviderError(400, "invalid_request_error",
+                                f"provider {envelope.provider!r} is not configured")
+            return _failure(err, attempts=0)
+        ctx = CallContext(envelope.anthropic_version, envelope.anthropic_beta)
+        attempts = Attempts()
+        try:
+            response = await call_with_retries(
+                self._retry, lambda: provider.create_message(envelope.body, ctx), attempts
+            )
+        except ProviderError as exc:
+            log.info("provider call failed", status=exc.status, error_type=exc.error_type,
+                     attempts=attempts.count)
+            return _failure(exc, attempts.count)
+        return _success(response, attempts.count)
+
+
+def _success(response: ProviderResponse, attempts: int) -> Outcome:
+    usage = response.usage
+    return Outcome(
+        status="completed", body=response.body, attempts=attempts,
+        stop_reason=response.stop_reason,
+        input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
+        cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
+        cache_read_input_tokens=usage.get("cache_read_input_tokens"),
+    )
+
+
+def _failure(exc: ProviderError, attempts: int) -> Outcome:
+    return Outcome(status="failed", body=exc.envelope().to_json(), attempts=attempts,
+                   http_status=exc.status, error_type=exc.error_type)
+
+
+async def _settle(action: object) -> None:
+    """Ack/nack on a channel that may already be closed (the broker then redelivers anyway)."""
+    try:
+        await action  # type: ignore[misc]
+    except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError, RuntimeError) as exc:
+        log.warning("could not settle message; the broker will redeliver it", error=str(exc))
