@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api.keys import BROKER, SETTINGS, STORE
+from api.keys import BROKER, REPLIES, SETTINGS, STORE
 from api.messages import create_message
 from api.middleware import errors_middleware
+from api.replies import ReplyRouter
 from api.responses import json_response
 from shared.broker import Broker
 from shared.logging import get_logger
@@ -26,9 +27,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[BROKER] = await Broker.connect(app[SETTINGS])
+    app[BROKER] = broker = await Broker.connect(app[SETTINGS])
+    app[REPLIES] = replies = ReplyRouter()
+    await replies.start(broker)
+    broker.on_reconnect(replies.fail_all)
     yield
-    await app[BROKER].close()
+    replies.fail_all()
+    await broker.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -64,4 +69,5 @@ def run(settings: Settings) -> None:
     log.info("api starting", host=settings.host, port=settings.port,
              namespace=settings.namespace)
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                access_log=None, print=None, handle_signals=True)
+                access_log=None, print=None, handle_signals=True,
+                handler_cancellation=True)

@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from api.replies import ReplyRouter
 from shared.broker import Broker
 from shared.settings import Settings
 from shared.store import Store
@@ -9,3 +10,4 @@ from shared.store import Store
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 BROKER = web.AppKey("broker", Broker)
+REPLIES = web.AppKey("replies", ReplyRouter)

@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from api.keys import BROKER, SETTINGS, STORE
 from api.responses import json_bytes, json_response
-from shared.errors import InvalidRequest, NotFound, NotImplementedYet
+from api.interactive import serve_interactive
+from shared.errors import InvalidRequest, NotFound
 from shared.jobs import JobEnvelope, caller_hash, format_job_id, new_job_id, parse_job_id
 from shared.settings import Settings
 from shared.store import NewJob
@@ -79,9 +80,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     is_async = parse_async_flag(headers.get(ASYNC))
     body, message_request = await read_request(request)
     if not is_async:
-        raise NotImplementedYet(
-            "only async requests (x-bf-async: true) are served yet; sync and streaming are next"
-        )
+        return await serve_interactive(request, body, message_request, caller)
     if message_request.stream:
         raise InvalidRequest("streaming is not supported for async requests")
     return await submit_job(request, body, message_request, caller)

@@ -32,6 +32,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     request_id = "req_" + secrets.token_hex(12)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request["request_id"] = request_id
     try:
         response = await handler(request)
     except FerryError as exc:

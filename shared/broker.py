@@ -17,7 +17,7 @@ from aio_pika.abc import (
 )
 
 from shared.errors import Overloaded, Unavailable
-from shared.jobs import JobEnvelope
+from shared.jobs import JobEnvelope, Reply
 from shared.settings import Settings
 
 PUBLISH_TIMEOUT_S = 10.0
@@ -39,11 +39,20 @@ def job_message(envelope: JobEnvelope) -> aio_pika.Message:
         headers["anthropic-version"] = envelope.anthropic_version
     if envelope.anthropic_beta:
         headers["anthropic-beta"] = envelope.anthropic_beta
+    if envelope.caller_hash is not None:
+        headers["caller"] = envelope.caller_hash.hex()
+    if envelope.pickup_deadline is not None:
+        headers["pickup-deadline"] = repr(envelope.pickup_deadline)
+    interactive = envelope.reply_to is not None
     return aio_pika.Message(
         envelope.body,
         message_id=envelope.job_id.hex,
+        correlation_id=envelope.job_id.hex if interactive else None,
+        reply_to=envelope.reply_to,
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        # Interactive requests are not durable work: nobody waits for them after a restart.
+        delivery_mode=(aio_pika.DeliveryMode.NOT_PERSISTENT if interactive
+                       else aio_pika.DeliveryMode.PERSISTENT),
         headers=headers,  # type: ignore[arg-type]
     )
 
@@ -63,6 +72,7 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
     model = text("model")
     if not model:
         raise ValueError("job message without model header")
+    caller, deadline = text("caller"), text("pickup-deadline")
     return JobEnvelope(
         job_id=uuid.UUID(hex=message.message_id),
         mode=text("mode") or "async",  # type: ignore[arg-type]
@@ -71,7 +81,38 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
         anthropic_version=text("anthropic-version"),
         anthropic_beta=text("anthropic-beta"),
         body=message.body,
+        reply_to=message.reply_to,
+        caller_hash=bytes.fromhex(caller) if caller else None,
+        pickup_deadline=float(deadline) if deadline else None,
     )
+
+
+def reply_message(job_id: uuid.UUID, reply: Reply) -> aio_pika.Message:
+    headers: dict[str, str | int] = {}
+    if reply.event is not None:
+        headers["event"] = reply.event
+    if reply.status is not None:
+        headers["status"] = reply.status
+    return aio_pika.Message(
+        reply.body, correlation_id=job_id.hex, type=reply.kind, headers=headers,  # type: ignore[arg-type]
+        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+    )
+
+
+def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
+    """(correlation id, reply); raises ValueError for a message that is not a reply."""
+    headers = message.headers or {}
+    event = headers.get("event")
+    status = headers.get("status")
+    reply = Reply(
+        kind=message.type,  # type: ignore[arg-type]
+        body=message.body,
+        event=event.decode() if isinstance(event, bytes) else event,  # type: ignore[arg-type]
+        status=status if isinstance(status, int) else None,
+    )
+    if not message.correlation_id:
+        raise ValueError("reply without correlation_id")
+    return message.correlation_id, reply
 
 
 class Broker:
@@ -97,12 +138,33 @@ class Broker:
     async def close(self) -> None:
         await self._connection.close()
 
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Exclusive reply queues lose their messages with the connection: let waiters know."""
+        self._connection.reconnect_callbacks.add(lambda *_: callback())
+
     @property
     def is_connected(self) -> bool:
         return not self._connection.is_closed and not self._publisher.is_closed
 
     async def declare_topology(self, channel: AbstractChannel) -> AbstractQueue:
-        """Durable quorum queue for jobs; poison messages dead-letter after delivery_limit."""
+        """Both lanes. Returns the jobs queue: durable quorum queue whose poison messages
+        dead-letter after delivery_limit deliveries."""
+        await self.declare_interactive(channel)
+        return await self.declare_jobs(channel)
+
+    async def declare_interactive(self, channel: AbstractChannel) -> AbstractQueue:
+        """Interactive requests: their own queue (so a job backlog never delays them); the
+        messages carry a TTL, so a request nobody picked up in time is dropped, not run."""
+        s = self._settings
+        await channel.declare_exchange(s.cancel_exchange, aio_pika.ExchangeType.FANOUT,
+                                       durable=True)
+        return await channel.declare_queue(
+            s.interactive_queue, durable=True,
+            arguments={"x-queue-type": "classic", "x-overflow": "reject-publish",
+                       "x-max-length": s.interactive_max_queued},
+        )
+
+    async def declare_jobs(self, channel: AbstractChannel) -> AbstractQueue:
         s = self._settings
         dlx = await channel.declare_exchange(
             s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
@@ -139,13 +201,78 @@ class Broker:
         except _BROKER_DOWN as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 
+    async def publish_interactive(self, envelope: JobEnvelope) -> None:
+        """Queue a sync/stream request; the broker drops it if no worker takes it in time."""
+        message = job_message(envelope)
+        message.expiration = self._settings.pickup_timeout_s
+        try:
+            await self._publisher.default_exchange.publish(
+                message, routing_key=self._settings.interactive_queue,
+                mandatory=True, timeout=PUBLISH_TIMEOUT_S,
+            )
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise Overloaded("too many requests are waiting for a worker; retry later") from exc
+        except aio_pika.exceptions.PublishError as exc:
+            raise Unavailable("the request queue does not exist; is the broker set up?") from exc
+        except _BROKER_DOWN as exc:
+            raise Unavailable("the message broker is unavailable; retry later") from exc
+
+    async def publish_cancel(self, job_id: uuid.UUID) -> None:
+        """Tell every worker to stop working on this interactive request (best effort)."""
+        try:
+            exchange = await self._publisher.get_exchange(self._settings.cancel_exchange,
+                                                          ensure=False)
+            await exchange.publish(aio_pika.Message(b"", correlation_id=job_id.hex),
+                                   routing_key="", mandatory=False, timeout=PUBLISH_TIMEOUT_S)
+        except (*_BROKER_DOWN, aio_pika.exceptions.DeliveryError):
+            pass  # the worker's own deadline still bounds the call
+
+    async def reply_channel(self) -> AbstractChannel:
+        """A channel for replies: no confirms (they are not durable), nothing to wait on."""
+        channel = await self._connection.channel(publisher_confirms=False)
+        self._consumer_channels.append(channel)
+        return channel
+
+    async def consume_replies(
+        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> str:
+        """A reply queue for this api process; returns its name (the `reply_to` address)."""
+        channel = await self._connection.channel()
+        self._consumer_channels.append(channel)
+        name = f"{self._settings.namespace}.replies.{uuid.uuid4().hex[:12]}"
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        await queue.consume(handler, no_ack=True)
+        return name
+
+    async def consume_interactive(
+        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]], prefetch: int
+    ) -> tuple[AbstractQueue, str]:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        self._consumer_channels.append(channel)
+        queue = await self.declare_interactive(channel)
+        tag = await queue.consume(handler, no_ack=False)
+        return queue, tag
+
+    async def consume_cancels(
+        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> None:
+        channel = await self._connection.channel()
+        self._consumer_channels.append(channel)
+        exchange = await channel.declare_exchange(
+            self._settings.cancel_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        await queue.consume(handler, no_ack=True)
+
     async def consume_jobs(
         self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]], prefetch: int
     ) -> tuple[AbstractQueue, str]:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         self._consumer_channels.append(channel)
-        queue = await self.declare_topology(channel)
+        queue = await self.declare_jobs(channel)
         tag = await queue.consume(handler, no_ack=False)
         return queue, tag
 
@@ -162,8 +289,9 @@ class Broker:
         s = self._settings
         channel = await self._connection.channel()
         try:
-            for queue in (s.jobs_queue, s.dead_letter_queue):
+            for queue in (s.jobs_queue, s.dead_letter_queue, s.interactive_queue):
                 await channel.queue_delete(queue)
-            await channel.exchange_delete(s.dead_letter_exchange)
+            for exchange in (s.dead_letter_exchange, s.cancel_exchange):
+                await channel.exchange_delete(exchange)
         finally:
             await channel.close()

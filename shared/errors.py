@@ -48,11 +48,6 @@ class Unavailable(FerryError):
     error_type = "api_error"
 
 
-class NotImplementedYet(FerryError):
-    status = 501
-    error_type = "api_error"
-
-
 class UpstreamError(FerryError):
     """An error answered by the provider, relayed with its status and type."""
 

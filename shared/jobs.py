@@ -55,3 +55,23 @@ class JobEnvelope(BaseModel):
     anthropic_version: str | None = None
     anthropic_beta: str | None = None
     body: bytes
+    # Interactive (sync/stream) requests only: where replies go, whose request it is (for the
+    # history row) and the wall-clock time after which nobody waits for it any more.
+    reply_to: str | None = None
+    caller_hash: bytes | None = None
+    pickup_deadline: float | None = None
+
+    @property
+    def stream(self) -> bool:
+        return self.mode == "stream"
+
+
+class Reply(BaseModel):
+    """A message from a worker back to the api process serving an interactive request."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["started", "event", "message", "error", "end"]
+    body: bytes = b""
+    event: str | None = None  # SSE event name, for kind == "event"
+    status: int | None = None  # HTTP status, for kind == "error"

@@ -51,6 +51,25 @@ class Settings(BaseSettings):
         1_000_000, ge=1, validation_alias=_env("FERRY_QUEUE_MAX_LENGTH")
     )
 
+    lanes: str = Field(
+        "async,interactive", pattern=r"^(async|interactive)(,(async|interactive))?$",
+        validation_alias=_env("FERRY_WORKER_LANES"),
+    )
+    interactive_concurrency: int = Field(
+        64, ge=1, le=10_000, validation_alias=_env("FERRY_INTERACTIVE_CONCURRENCY")
+    )
+
+    # Interactive (sync and stream) requests
+    pickup_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PICKUP_TIMEOUT"))
+    request_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("FERRY_REQUEST_TIMEOUT"))
+    stream_idle_timeout_s: float = Field(
+        120.0, gt=0, validation_alias=_env("FERRY_STREAM_IDLE_TIMEOUT")
+    )
+    interactive_max_queued: int = Field(
+        10_000, ge=1, validation_alias=_env("FERRY_INTERACTIVE_MAX_QUEUED")
+    )
+    ping_interval_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PING_INTERVAL"))
+
     # Results
     result_ttl_default_s: int = Field(3600, ge=0, validation_alias=_env("FERRY_RESULT_TTL"))
     result_ttl_max_s: int = Field(
@@ -72,6 +91,18 @@ class Settings(BaseSettings):
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Settings from an explicit environment mapping (tests pass their own)."""
         return cls.model_validate({k: v for k, v in environ.items()})
+
+    @property
+    def worker_lanes(self) -> frozenset[str]:
+        return frozenset(self.lanes.split(","))
+
+    @property
+    def interactive_queue(self) -> str:
+        return f"{self.namespace}.interactive"
+
+    @property
+    def cancel_exchange(self) -> str:
+        return f"{self.namespace}.cancel"
 
     @property
     def jobs_queue(self) -> str:

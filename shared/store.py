@@ -58,6 +58,35 @@ class Outcome:
     cache_read_input_tokens: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """A finished sync or stream request, recorded after the client got its answer."""
+
+    id: uuid.UUID
+    caller_hash: bytes
+    mode: Mode
+    model: str
+    provider: str
+    status: Status
+    attempts: int
+    worker_id: str
+    http_status: int | None
+    error_type: str | None
+    stop_reason: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    submitted_at: datetime
+    started_at: datetime
+    completed_at: datetime
+
+
+_HISTORY_COLUMNS = [
+    "id", "caller_hash", "mode", "model", "provider", "status", "attempts", "worker_id",
+    "http_status", "error_type", "stop_reason", "input_tokens", "output_tokens",
+    "submitted_at", "started_at", "completed_at", "ttl_seconds", "deliveries",
+]
+
+
 _POSTGRES_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                   asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
@@ -162,6 +191,17 @@ class Store:
                 job_id, outcome.body.decode(), expires_at,
             )
             return True
+
+    async def record_history(self, rows: list[HistoryRow]) -> None:
+        """Bulk-insert finished interactive requests (COPY: one round trip per batch)."""
+        records = [
+            (r.id, r.caller_hash, r.mode, r.model, r.provider, r.status, r.attempts,
+             r.worker_id, r.http_status, r.error_type, r.stop_reason, r.input_tokens,
+             r.output_tokens, r.submitted_at, r.started_at, r.completed_at, 0, 1)
+            for r in rows
+        ]
+        async with self._pool.acquire() as conn:
+            await conn.copy_records_to_table("jobs", records=records, columns=_HISTORY_COLUMNS)
 
     # --- sweeper ---------------------------------------------------------------------------
 

@@ -131,7 +131,8 @@ def _block_tag(value: Any) -> str:
     return kind if kind in _KNOWN_BLOCKS else "other"
 
 
-class _MissingType(Strict):
+class _MissingType(Open):
+    # Extra keys allowed: the only fault to report is the missing `type`, not the block's fields.
     type: str  # fails with "Field required" at `...type`
 
 
@@ -301,7 +302,7 @@ def describe_validation_error(exc: ValidationError, body: bytes | None = None) -
     return "; ".join(parts)
 
 
-# Union-member names pydantic may put last in `loc`; our field names are never among them.
+# Union-member names pydantic may put last in `loc` (a model-level check reported under its tag).
 _TAGS = {"custom", "server", "other", "missing", "str", "int", "float", "bool"} | _KNOWN_BLOCKS
 
 
@@ -316,6 +317,8 @@ def _field_path(loc: tuple[Any, ...], data: Any, missing: bool) -> tuple[Any, ..
             node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
         elif "[" in part:
             continue
+        elif isinstance(node, dict) and not last and part == node.get("type"):
+            continue  # the block's union tag, though it may also name a field (`text`, `thinking`)
         elif isinstance(node, dict) and part in node:
             out.append(part)
             node = node[part]

@@ -1,4 +1,4 @@
-"""The worker loop: consume jobs, call the provider, store the outcome, then ack.
+"""The worker loop: consume jobs (and interactive requests, see interactive.py), call the provider, store the outcome, then ack.
 
 Lifecycle: prefetch = concurrency, one task per message. On SIGTERM stop taking messages, let
 in-flight calls finish within the grace period, then cancel the rest and nack them so another
@@ -11,7 +11,8 @@ import asyncio
 import os
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 import aio_pika
 import structlog
@@ -22,6 +23,8 @@ from shared.jobs import JobEnvelope, format_job_id
 from shared.logging import get_logger
 from shared.settings import Settings
 from shared.store import Outcome, Store
+from worker.history import HistoryWriter
+from worker.interactive import InteractiveRunner
 from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
 from worker.retry import Attempts, RetryPolicy, call_with_retries
 
@@ -47,18 +50,40 @@ class Worker:
         self._retry = RetryPolicy(settings.provider_max_attempts, settings.retry_base_s,
                                   settings.retry_max_s)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._history = HistoryWriter(store)
 
     async def run(self, stop: asyncio.Event) -> None:
-        queue, tag = await self._broker.consume_jobs(
-            self._on_message, prefetch=self._settings.worker_concurrency
-        )
-        log.info("worker consuming", worker_id=self.worker_id, queue=queue.name,
-                 concurrency=self._settings.worker_concurrency)
+        s = self._settings
+        consumers = []
+        history_stop = asyncio.Event()
+        history_task = asyncio.create_task(self._history.run(history_stop))
+        if "async" in s.worker_lanes:
+            consumers.append(await self._broker.consume_jobs(
+                self._on_message, prefetch=s.worker_concurrency))
+        if "interactive" in s.worker_lanes:
+            runner = InteractiveRunner(self._providers, self._retry, self._history,
+                                       await self._broker.reply_channel(), self.worker_id,
+                                       self._spawn)
+            await self._broker.consume_cancels(runner.on_cancel)
+            consumers.append(await self._broker.consume_interactive(
+                runner.on_message, prefetch=s.interactive_concurrency))
+        log.info("worker consuming", worker_id=self.worker_id,
+                 queues=[queue.name for queue, _ in consumers],
+                 concurrency=s.worker_concurrency, interactive=s.interactive_concurrency)
         await stop.wait()
         log.info("worker stopping", worker_id=self.worker_id, in_flight=len(self._tasks))
-        await queue.cancel(tag)
-        await self._drain(self._settings.shutdown_grace_s)
+        for queue, tag in consumers:
+            await queue.cancel(tag)
+        await self._drain(s.shutdown_grace_s)
+        history_stop.set()
+        await history_task
         log.info("worker stopped", worker_id=self.worker_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _drain(self, grace_s: float) -> None:
         if self._tasks:
@@ -69,9 +94,7 @@ class Worker:
                 await asyncio.wait(pending)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._handle(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._handle(message))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self.worker_id)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
-from worker.providers.base import CallContext, ProviderError, ProviderResponse
+from shared.wire import ErrorEnvelope
+from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
 
 _CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -48,6 +50,8 @@ class AnthropicProvider:
         self._api_key = api_key
         self._default_version = default_version
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # A stream may run long; what matters is that bytes keep coming.
+        self._stream_timeout = aiohttp.ClientTimeout(total=timeout_s, sock_read=timeout_s)
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
         headers = {
@@ -75,6 +79,33 @@ class AnthropicProvider:
                                 retryable=True) from exc
         return parse_message(raw)
 
+    async def stream_message(self, body: bytes, ctx: CallContext) -> AsyncIterator[SSEEvent]:
+        try:
+            resp = await self._session.post(self._url, data=body, headers=self._headers(ctx),
+                                            timeout=self._stream_timeout)
+        except asyncio.TimeoutError as exc:
+            raise ProviderError(504, "timeout_error", "the provider did not answer in time",
+                                retryable=True) from exc
+        except _CLIENT_ERRORS as exc:
+            raise ProviderError(502, "api_error", f"could not reach the provider: {exc}",
+                                retryable=True) from exc
+        async with resp:
+            if resp.status >= 400:
+                try:
+                    raw = await resp.read()
+                except _CLIENT_ERRORS:
+                    raw = b""
+                raise error_from_body(resp.status, raw, resp.headers.get("retry-after"))
+            try:
+                async for event in iter_sse(resp.content):
+                    yield event
+            except _CLIENT_ERRORS as exc:
+                yield stream_error("api_error", f"the provider stream broke: {exc}")
+
+
+def stream_error(error_type: str, message: str) -> SSEEvent:
+    return SSEEvent("error", ErrorEnvelope.of(error_type, message).to_json())
+
 
 def parse_message(raw: bytes) -> ProviderResponse:
     try:
@@ -91,3 +122,22 @@ def parse_message(raw: bytes) -> ProviderResponse:
         stop_reason=data.get("stop_reason"),
         usage={k: v for k, v in usage.items() if isinstance(v, int)},
     )
+
+
+async def iter_sse(content: aiohttp.StreamReader) -> AsyncIterator[SSEEvent]:
+    """Parse Server-Sent Events as they arrive; `data` is kept byte for byte."""
+    event: str | None = None
+    data: list[bytes] = []
+    async for raw_line in content:
+        line = raw_line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield SSEEvent(event or "message", b"\n".join(data))
+            event, data = None, []
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode()
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+    if data:
+        yield SSEEvent(event or "message", b"\n".join(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from shared.wire import ErrorEnvelope, error_type_for_status
@@ -44,9 +45,28 @@ class ProviderError(Exception):
         return ErrorEnvelope.of(self.error_type, self.message)
 
 
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One Server-Sent Event in Anthropic's stream format: `event: {event}\ndata: {data}\n\n`.
+    `data` is the JSON text exactly as it will be sent to the client."""
+
+    event: str
+    data: bytes
+
+    def encode(self) -> bytes:
+        return b"event: " + self.event.encode() + b"\ndata: " + self.data + b"\n\n"
+
+
 class Provider(Protocol):
     name: str
 
     async def create_message(self, body: bytes, ctx: CallContext) -> ProviderResponse:
-        """Send a non-streaming Messages request; raise ProviderError on failure."""
+        """Send a non-streaming Messages request (`body` is the Anthropic request JSON with the
+        model already set to the upstream model); raise ProviderError on failure."""
+        ...
+
+    def stream_message(self, body: bytes, ctx: CallContext) -> AsyncIterator[SSEEvent]:
+        """Send a streaming request and yield Anthropic stream events as they arrive.
+        Raises ProviderError before the first event if the call fails; a failure after it is
+        yielded as an `error` event and the iterator ends."""
         ...
