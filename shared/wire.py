@@ -252,6 +252,9 @@ class MessagesRequest(Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
+    # Ferry's extension: `provider/model` routes tried in order when the primary fails with a
+    # retryable error after its retries. Stripped before the upstream call.
+    fallbacks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=5)] | None = None
 
     @model_validator(mode="after")
     def _budget_below_max_tokens(self) -> MessagesRequest:
@@ -296,6 +299,8 @@ def describe_validation_error(exc: ValidationError, body: bytes | None = None) -
     for loc in locs[:5]:
         where = ".".join(str(p) for p in loc)
         msg = ", or ".join(found[loc])
+        if not where and msg == "Input should be an object":
+            msg = "request body must be a JSON object (a Messages request)"
         parts.append(f"{where}: {msg}" if where else msg)
     if len(locs) > 5:
         parts.append(f"(and {len(locs) - 5} more)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -21,6 +22,8 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
+    if not math.isfinite(seconds):
+        return None  # "nan" would make the backoff sleep forever
     return max(seconds, 0.0)
 
 
@@ -58,8 +61,9 @@ class AnthropicProvider:
             "content-type": "application/json",
             "anthropic-version": ctx.anthropic_version or self._default_version,
         }
-        if self._api_key:
-            headers["x-api-key"] = self._api_key
+        api_key = ctx.api_key or self._api_key
+        if api_key:
+            headers["x-api-key"] = api_key
         if ctx.anthropic_beta:
             headers["anthropic-beta"] = ctx.anthropic_beta
         return headers

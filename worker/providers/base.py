@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.wire import ErrorEnvelope, error_type_for_status
 
-RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+RETRYABLE_STATUSES = frozenset({408, 409, 429})  # and 5xx (incl. 529 and CDN 52x) but:
+NEVER_RETRYABLE_5XX = frozenset({501, 505})  # "not implemented" will not change on a retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +18,7 @@ class CallContext:
 
     anthropic_version: str | None = None
     anthropic_beta: str | None = None
+    api_key: str | None = None  # picked per call from the provider's key pool
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,10 @@ class ProviderError(Exception):
         self.status = status
         self.error_type = error_type or error_type_for_status(status)
         self.message = message
-        self.retryable = status in RETRYABLE_STATUSES if retryable is None else retryable
+        if retryable is None:
+            retryable = status in RETRYABLE_STATUSES or (
+                status >= 500 and status not in NEVER_RETRYABLE_5XX)
+        self.retryable = retryable
         self.retry_after = retry_after
 
     def envelope(self) -> ErrorEnvelope:
