@@ -11,10 +11,11 @@ import time
 
 from aiohttp import web
 
+from api.envelope import build_envelope
 from api.keys import BROKER, REPLIES, SETTINGS
 from api.responses import REQUEST_ID, json_bytes
 from shared.errors import FerryError, Overloaded, Unavailable
-from shared.jobs import JobEnvelope, Reply, new_job_id
+from shared.jobs import Reply
 from shared.logging import get_logger
 from shared.settings import Settings
 from shared.wire import ErrorEnvelope, MessagesRequest
@@ -34,16 +35,14 @@ async def serve_interactive(request: web.Request, body: bytes, message_request: 
     settings = request.app[SETTINGS]
     broker = request.app[BROKER]
     replies = request.app[REPLIES]
-    job_id = new_job_id()
     stream = bool(message_request.stream)
     started = time.monotonic()
-    envelope = JobEnvelope(
-        job_id=job_id, mode="stream" if stream else "sync", model=message_request.model,
-        provider="anthropic", anthropic_version=request.headers.get("anthropic-version"),
-        anthropic_beta=request.headers.get("anthropic-beta"), body=body,
+    envelope = build_envelope(
+        request, body, message_request, "stream" if stream else "sync",
         reply_to=replies.reply_to, caller_hash=caller,
         pickup_deadline=time.time() + settings.pickup_timeout_s,
     )
+    job_id = envelope.job_id
     inbox = replies.open(job_id)
     finished = False
     try:
@@ -53,7 +52,7 @@ async def serve_interactive(request: web.Request, body: bytes, message_request: 
             raise Overloaded(f"no worker took the request within {settings.pickup_timeout_s:g} s;"
                              " retry later")
         if first.kind != "started":
-            return _final(first)
+            return _final(request, first)
         deadline = started + settings.request_timeout_s
         if stream:
             response = await _relay_stream(request, inbox, settings, deadline)
@@ -61,7 +60,7 @@ async def serve_interactive(request: web.Request, body: bytes, message_request: 
             reply = await _next(inbox, deadline - time.monotonic())
             if reply is None:
                 raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
-            response = _final(reply)
+            response = _final(request, reply)
         finished = True
         return response
     finally:
@@ -78,7 +77,8 @@ async def _next(inbox: asyncio.Queue[Reply], timeout: float) -> Reply | None:
         return None
 
 
-def _final(reply: Reply) -> web.Response:
+def _final(request: web.Request, reply: Reply) -> web.Response:
+    request["provider_seconds"] = reply.provider_seconds
     if reply.kind == "message":
         return json_bytes(reply.body)
     if reply.kind == "error":
@@ -96,7 +96,7 @@ async def _relay_stream(request: web.Request, inbox: asyncio.Queue[Reply], setti
     if reply is None:
         raise _Timeout("the provider sent nothing in time")
     if reply.kind != "event":
-        return _final(reply)
+        return _final(request, reply)
 
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",

@@ -4,6 +4,8 @@ from aiohttp import web
 
 from api.replies import ReplyRouter
 from shared.broker import Broker
+from shared.metrics import Metrics
+from shared.providers import Providers
 from shared.settings import Settings
 from shared.store import Store
 
@@ -11,3 +13,5 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 BROKER = web.AppKey("broker", Broker)
 REPLIES = web.AppKey("replies", ReplyRouter)
+PROVIDERS = web.AppKey("providers", Providers)
+METRICS = web.AppKey("metrics", Metrics)

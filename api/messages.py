@@ -5,11 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import ValidationError
 
+from api.envelope import build_envelope
+from api.interactive import serve_interactive
 from api.keys import BROKER, SETTINGS, STORE
 from api.responses import json_bytes, json_response
-from api.interactive import serve_interactive
 from shared.errors import InvalidRequest, NotFound
-from shared.jobs import JobEnvelope, caller_hash, format_job_id, new_job_id, parse_job_id
+from shared.jobs import caller_hash, format_job_id, parse_job_id
 from shared.settings import Settings
 from shared.store import NewJob
 from shared.wire import MessagesRequest, describe_validation_error, parse_request
@@ -75,10 +76,14 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     caller = caller_hash(headers.get("x-api-key"), headers.get("authorization"))
     poll_id = headers.get(ASYNC_ID)
     if poll_id is not None:
+        request["mode"] = "poll"
         return await poll_job(request, poll_id, caller)
 
+    request["mode"] = "invalid"  # until the request has been read and validated
     is_async = parse_async_flag(headers.get(ASYNC))
     body, message_request = await read_request(request)
+    request["model"] = message_request.model
+    request["mode"] = "submit" if is_async else "stream" if message_request.stream else "sync"
     if not is_async:
         return await serve_interactive(request, body, message_request, caller)
     if message_request.stream:
@@ -90,13 +95,10 @@ async def submit_job(request: web.Request, body: bytes, message_request: Message
                      caller: bytes) -> web.Response:
     settings = request.app[SETTINGS]
     ttl = parse_ttl(request.headers.get(ASYNC_TTL), settings)
-    job_id = new_job_id()
-    job = NewJob(job_id, caller, "async", message_request.model, "anthropic", ttl)
-    envelope = JobEnvelope(
-        job_id=job_id, mode="async", model=message_request.model, provider="anthropic",
-        anthropic_version=request.headers.get("anthropic-version"),
-        anthropic_beta=request.headers.get("anthropic-beta"), body=body,
-    )
+    envelope = build_envelope(request, body, message_request, "async")
+    job_id = envelope.job_id
+    job = NewJob(job_id, caller, "async", message_request.model, envelope.provider, ttl,
+                 envelope.upstream_model or message_request.model)
     async with request.app[STORE].submitting(job):
         await request.app[BROKER].publish_job(envelope)
     return json_response(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from api.keys import METRICS
 from api.responses import REQUEST_ID, envelope_response, error_response
 from shared.errors import FerryError
 from shared.logging import get_logger
@@ -29,6 +31,7 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
     request_id = "req_" + secrets.token_hex(12)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -52,4 +55,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                      request_id)
     if not response.prepared:
         response.headers[REQUEST_ID] = request_id
+    _record(request, response.status, started)
     return response
+
+
+def _record(request: web.Request, status: int, started: float) -> None:
+    mode = request.get("mode")
+    if mode is None:
+        return  # not a messages request: health checks and scrapes are not traffic
+    metrics = request.app[METRICS]
+    elapsed = time.perf_counter() - started
+    metrics.requests.labels(mode, metrics.model_label(request.get("model")), str(status)).inc()
+    metrics.request_seconds.labels(mode).observe(elapsed)
+    provider_s = request.get("provider_seconds")
+    if mode == "submit" or mode == "poll":
+        metrics.overhead_seconds.labels(mode).observe(elapsed)
+    elif provider_s is not None:
+        metrics.overhead_seconds.labels(mode).observe(max(elapsed - provider_s, 0.0))

@@ -38,6 +38,10 @@ class Directives:
     chunks: int | None = None
     stream_delay: float = 0.0
     error_after: int | None = None
+    # Restrict `status` / `fail_*` to one model or one presented API key (fallback and
+    # key-rotation tests): other models and keys are answered normally.
+    fail_model: str | None = None
+    fail_key: str | None = None
 
     @property
     def failure_status(self) -> int | None:
@@ -129,6 +133,8 @@ def _apply(values: dict[str, Any], name: str, value: str | None) -> None:
         values[name] = _integer(name, value, minimum=1)
     elif name == "error_after":
         values[name] = _integer(name, value, minimum=0)
+    elif name in ("fail_model", "fail_key"):
+        values[name] = value
     elif name == "tool":
         if not _TOOL_NAME.match(value):
             raise InvalidRequest(f"fake directive tool={value!r}: not a valid tool name")

@@ -69,6 +69,17 @@ class FakeState:
 STATE = web.AppKey("fake_state", FakeState)
 
 
+def _targets(directives: Directives, model: str, request: web.Request) -> bool:
+    """Whether a failure directive applies to this model and this presented key."""
+    if directives.fail_model is not None and model != directives.fail_model:
+        return False
+    if directives.fail_key is not None:
+        auth = request.headers.get("authorization", "")
+        key = request.headers.get("x-api-key") or auth.removeprefix("Bearer ").strip()
+        return key == directives.fail_key
+    return True
+
+
 def create_app() -> web.Application:
     app = web.Application()
     app[STATE] = FakeState()
@@ -101,7 +112,9 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         except InvalidRequest as exc:
             return await _send(request, call, 400, dialect.error_body(400, str(exc)))
         # Decided on arrival, so concurrent retries of a prompt fail a predictable number of times.
-        failure = state.failure_status(request.path, prompt.text, directives)
+        failure = None
+        if _targets(directives, prompt.model, request):
+            failure = state.failure_status(request.path, prompt.text, directives)
         if directives.delay:
             await asyncio.sleep(directives.delay)
         if failure is not None:

@@ -21,6 +21,13 @@ from shared.jobs import JobEnvelope, Reply
 from shared.settings import Settings
 
 PUBLISH_TIMEOUT_S = 10.0
+# Delayed retries wait in one queue per delay: every message in a queue has the same TTL, so
+# none waits behind a longer one; on expiry it dead-letters back onto the jobs queue.
+DELAY_TIERS_S = (10, 30, 60, 300, 900)
+
+
+def delay_tier(delay_s: float) -> int:
+    return next((tier for tier in DELAY_TIERS_S if tier >= delay_s), DELAY_TIERS_S[-1])
 
 _BROKER_DOWN = (
     aiormq.exceptions.AMQPError,
@@ -39,6 +46,12 @@ def job_message(envelope: JobEnvelope) -> aio_pika.Message:
         headers["anthropic-version"] = envelope.anthropic_version
     if envelope.anthropic_beta:
         headers["anthropic-beta"] = envelope.anthropic_beta
+    if envelope.upstream_model and envelope.upstream_model != envelope.model:
+        headers["upstream-model"] = envelope.upstream_model
+    if envelope.fallbacks:
+        headers["fallbacks"] = " ".join(envelope.fallbacks)
+    if envelope.attempt:
+        headers["attempt"] = str(envelope.attempt)
     if envelope.caller_hash is not None:
         headers["caller"] = envelope.caller_hash.hex()
     if envelope.pickup_deadline is not None:
@@ -78,6 +91,9 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
         mode=text("mode") or "async",  # type: ignore[arg-type]
         model=model,
         provider=text("provider") or "anthropic",
+        upstream_model=text("upstream-model") or model,
+        fallbacks=tuple((text("fallbacks") or "").split()),
+        attempt=int(text("attempt") or 0),
         anthropic_version=text("anthropic-version"),
         anthropic_beta=text("anthropic-beta"),
         body=message.body,
@@ -93,6 +109,8 @@ def reply_message(job_id: uuid.UUID, reply: Reply) -> aio_pika.Message:
         headers["event"] = reply.event
     if reply.status is not None:
         headers["status"] = reply.status
+    if reply.provider_seconds is not None:
+        headers["provider-seconds"] = repr(reply.provider_seconds)
     return aio_pika.Message(
         reply.body, correlation_id=job_id.hex, type=reply.kind, headers=headers,  # type: ignore[arg-type]
         delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
@@ -104,11 +122,15 @@ def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
     headers = message.headers or {}
     event = headers.get("event")
     status = headers.get("status")
+    provider_s = headers.get("provider-seconds")
+    if isinstance(provider_s, bytes):
+        provider_s = provider_s.decode()
     reply = Reply(
         kind=message.type,  # type: ignore[arg-type]
         body=message.body,
         event=event.decode() if isinstance(event, bytes) else event,  # type: ignore[arg-type]
         status=status if isinstance(status, int) else None,
+        provider_seconds=float(provider_s) if isinstance(provider_s, str) else None,
     )
     if not message.correlation_id:
         raise ValueError("reply without correlation_id")
@@ -164,8 +186,21 @@ class Broker:
                        "x-max-length": s.interactive_max_queued},
         )
 
+    def delay_queue(self, tier: int) -> str:
+        return f"{self._settings.jobs_queue}.delay.{tier}s"
+
+    async def declare_delays(self, channel: AbstractChannel) -> None:
+        for tier in DELAY_TIERS_S:
+            await channel.declare_queue(
+                self.delay_queue(tier), durable=True,
+                arguments={"x-queue-type": "classic", "x-message-ttl": tier * 1000,
+                           "x-dead-letter-exchange": "",
+                           "x-dead-letter-routing-key": self._settings.jobs_queue},
+            )
+
     async def declare_jobs(self, channel: AbstractChannel) -> AbstractQueue:
         s = self._settings
+        await self.declare_delays(channel)
         dlx = await channel.declare_exchange(
             s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -200,6 +235,13 @@ class Broker:
             raise Unavailable("the job queue does not exist; is the broker set up?") from exc
         except _BROKER_DOWN as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
+
+    async def publish_delayed(self, envelope: JobEnvelope, delay_s: float) -> None:
+        """Park a job for a later attempt; returns once the broker confirmed it."""
+        await self._publisher.default_exchange.publish(
+            job_message(envelope), routing_key=self.delay_queue(delay_tier(delay_s)),
+            mandatory=True, timeout=PUBLISH_TIMEOUT_S,
+        )
 
     async def publish_interactive(self, envelope: JobEnvelope) -> None:
         """Queue a sync/stream request; the broker drops it if no worker takes it in time."""
@@ -277,10 +319,18 @@ class Broker:
         return queue, tag
 
     async def jobs_queue_depth(self) -> int:
+        return (await self.queue_depths())["async"]
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too)."""
         channel = await self._connection.channel()
         try:
-            queue = await channel.declare_queue(self._settings.jobs_queue, passive=True)
-            return queue.declaration_result.message_count or 0
+            depths = {}
+            for lane, name in (("async", self._settings.jobs_queue),
+                               ("interactive", self._settings.interactive_queue)):
+                queue = await channel.declare_queue(name, passive=True)
+                depths[lane] = queue.declaration_result.message_count or 0
+            return depths
         finally:
             await channel.close()
 
@@ -289,7 +339,8 @@ class Broker:
         s = self._settings
         channel = await self._connection.channel()
         try:
-            for queue in (s.jobs_queue, s.dead_letter_queue, s.interactive_queue):
+            for queue in (s.jobs_queue, s.dead_letter_queue, s.interactive_queue,
+                          *(self.delay_queue(tier) for tier in DELAY_TIERS_S)):
                 await channel.queue_delete(queue)
             for exchange in (s.dead_letter_exchange, s.cancel_exchange):
                 await channel.exchange_delete(exchange)

@@ -35,9 +35,14 @@ def _dev(settings: Settings, workers: int) -> int:
             env=env,
         )
     manager.add_process("api", shlex.join([*me, "api"]), env=env)
+    # Each process serves /metrics on its own port: workers 9101.., the sweeper 9100.
+    base_port = settings.metrics_port
     for i in range(1, workers + 1):
-        manager.add_process(f"worker.{i}", shlex.join([*me, "worker"]), env=env)
-    manager.add_process("sweeper", shlex.join([*me, "sweeper"]), env=env)
+        port = str(base_port + i if base_port else 0)
+        manager.add_process(f"worker.{i}", shlex.join([*me, "worker"]),
+                            env={**env, "FERRY_METRICS_PORT": port})
+    manager.add_process("sweeper", shlex.join([*me, "sweeper"]),
+                        env={**env, "FERRY_METRICS_PORT": str(base_port)})
     manager.loop()
     return manager.returncode or 0
 

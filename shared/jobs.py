@@ -52,6 +52,9 @@ class JobEnvelope(BaseModel):
     mode: Mode = "async"
     model: str
     provider: str = "anthropic"
+    upstream_model: str | None = None  # the model without its provider prefix
+    fallbacks: tuple[str, ...] = ()  # validated `provider/model` routes
+    attempt: int = 0  # provider calls already made (a delayed retry carries it on)
     anthropic_version: str | None = None
     anthropic_beta: str | None = None
     body: bytes
@@ -75,3 +78,4 @@ class Reply(BaseModel):
     body: bytes = b""
     event: str | None = None  # SSE event name, for kind == "event"
     status: int | None = None  # HTTP status, for kind == "error"
+    provider_seconds: float | None = None  # time spent in provider calls (final replies)

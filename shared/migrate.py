@@ -45,8 +45,13 @@ async def ensure_database(dsn: str) -> None:
         try:
             await conn.execute(f'CREATE DATABASE "{name}"')
             log.info("database created", database=name)
-        except asyncpg.DuplicateDatabaseError:
-            pass  # another migrator got there first
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            # Another migrator got there first. When both CREATEs run at the same moment,
+            # PostgreSQL reports the loser as a unique violation on pg_database, not 42P04.
+            pass
+        finally:
+            await conn.close()
+        return
     await conn.close()
 
 

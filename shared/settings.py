@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     anthropic_version: str = Field(
         "2023-06-01", validation_alias=_env("FERRY_ANTHROPIC_VERSION")
     )
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    providers_file: str | None = Field(None, validation_alias=_env("FERRY_PROVIDERS_FILE"))
+    key_cooldown_s: float = Field(60.0, ge=0, validation_alias=_env("FERRY_KEY_COOLDOWN"))
+    inline_retry_max_s: float = Field(
+        5.0, ge=0, validation_alias=_env("FERRY_INLINE_RETRY_MAX")
+    )
     provider_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("FERRY_PROVIDER_TIMEOUT"))
     provider_max_attempts: int = Field(
         4, ge=1, le=20, validation_alias=_env("FERRY_PROVIDER_MAX_ATTEMPTS")
@@ -76,11 +83,17 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=0, validation_alias=_env("FERRY_RESULT_TTL_MAX")
     )
     sweep_interval_s: float = Field(30.0, gt=0, validation_alias=_env("FERRY_SWEEP_INTERVAL"))
+    history_retention_days: float = Field(
+        90, ge=0, validation_alias=_env("FERRY_HISTORY_RETENTION_DAYS")
+    )  # 0 keeps history forever
     sweep_batch: int = Field(5000, ge=1, validation_alias=_env("FERRY_SWEEP_BATCH"))
 
     # Front door
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, validation_alias=_env("FERRY_MAX_BODY"))
     db_pool_size: int = Field(20, ge=1, validation_alias=_env("FERRY_DB_POOL_SIZE"))
+
+    metrics_port: int = Field(9100, ge=0, le=65535, validation_alias=_env("FERRY_METRICS_PORT"))
+    stats_interval_s: float = Field(5.0, gt=0, validation_alias=_env("FERRY_STATS_INTERVAL"))
 
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("FERRY_LOG_FORMAT")

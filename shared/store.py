@@ -22,6 +22,7 @@ class NewJob:
     model: str
     provider: str
     ttl_seconds: int
+    upstream_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class Outcome:
     output_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+    served_provider: str | None = None
+    served_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,9 @@ class HistoryRow:
     stop_reason: str | None
     input_tokens: int | None
     output_tokens: int | None
+    served_provider: str | None
+    served_model: str | None
+    upstream_model: str | None
     submitted_at: datetime
     started_at: datetime
     completed_at: datetime
@@ -83,6 +89,7 @@ class HistoryRow:
 _HISTORY_COLUMNS = [
     "id", "caller_hash", "mode", "model", "provider", "status", "attempts", "worker_id",
     "http_status", "error_type", "stop_reason", "input_tokens", "output_tokens",
+    "served_provider", "served_model", "upstream_model",
     "submitted_at", "started_at", "completed_at", "ttl_seconds", "deliveries",
 ]
 
@@ -119,9 +126,10 @@ class Store:
             conn: asyncpg.Connection
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds)"
-                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds,"
+                    " upstream_model) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     job.id, job.caller_hash, job.mode, job.model, job.provider, job.ttl_seconds,
+                    job.upstream_model,
                 )
                 yield
         except _POSTGRES_DOWN as exc:
@@ -145,6 +153,15 @@ class Store:
         if status in ("completed", "failed") and row["body"] is None:
             return None  # result already swept
         return JobView(job_id, status, row["model"], row["http_status"], row["body"])
+
+    async def unfinished_counts(self) -> dict[str, int]:
+        rows = await self._pool.fetch(
+            "SELECT status, count(*) AS n FROM jobs"
+            " WHERE status IN ('pending', 'processing') GROUP BY status"
+        )
+        counts = {"pending": 0, "processing": 0}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
 
     # --- worker ----------------------------------------------------------------------------
 
@@ -175,13 +192,14 @@ class Store:
                 "UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4,"
                 " error_type = $5, stop_reason = $6, input_tokens = $7, output_tokens = $8,"
                 " cache_creation_input_tokens = $9, cache_read_input_tokens = $10,"
+                " served_provider = $11, served_model = $12,"
                 " completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)"
                 " WHERE id = $1 AND status IN ('pending', 'processing')"
                 " RETURNING expires_at",
                 job_id, outcome.status, outcome.attempts, outcome.http_status,
                 outcome.error_type, outcome.stop_reason, outcome.input_tokens,
                 outcome.output_tokens, outcome.cache_creation_input_tokens,
-                outcome.cache_read_input_tokens,
+                outcome.cache_read_input_tokens, outcome.served_provider, outcome.served_model,
             )
             if expires_at is None:
                 return False
@@ -197,11 +215,18 @@ class Store:
         records = [
             (r.id, r.caller_hash, r.mode, r.model, r.provider, r.status, r.attempts,
              r.worker_id, r.http_status, r.error_type, r.stop_reason, r.input_tokens,
-             r.output_tokens, r.submitted_at, r.started_at, r.completed_at, 0, 1)
+             r.output_tokens, r.served_provider, r.served_model, r.upstream_model,
+             r.submitted_at, r.started_at, r.completed_at, 0, 1)
             for r in rows
         ]
         async with self._pool.acquire() as conn:
             await conn.copy_records_to_table("jobs", records=records, columns=_HISTORY_COLUMNS)
+
+    async def release(self, job_id: uuid.UUID) -> None:
+        """Back to pending: the job waits in a delay queue for its next attempt."""
+        await self._pool.execute(
+            "UPDATE jobs SET status = 'pending' WHERE id = $1 AND status = 'processing'", job_id
+        )
 
     # --- sweeper ---------------------------------------------------------------------------
 
@@ -212,6 +237,19 @@ class Store:
             " SELECT job_id FROM job_results WHERE expires_at <= now()"
             " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
             batch,
+        )
+        return int(status.split()[-1])
+
+    async def prune_history(self, older_than_s: float, batch: int) -> int:
+        """Delete one bounded batch of finished history rows submitted before the retention
+        window (oldest first, along the submitted_at index)."""
+        status = await self._pool.execute(
+            "DELETE FROM jobs WHERE id IN ("
+            " SELECT id FROM jobs"
+            " WHERE submitted_at < now() - make_interval(secs => $1)"
+            " AND status IN ('completed', 'failed')"
+            " ORDER BY submitted_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            older_than_s, batch,
         )
         return int(status.split()[-1])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,11 +16,20 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from shared.broker import job_envelope, reply_message
 from shared.jobs import JobEnvelope, Reply, format_job_id
 from shared.logging import get_logger
+from shared.metrics import Metrics
+from shared.providers import Route
 from shared.store import HistoryRow
 from shared.wire import ErrorEnvelope
 from worker.history import HistoryWriter
-from worker.providers.base import CallContext, Provider, ProviderError, SSEEvent
-from worker.retry import Attempts, RetryPolicy, call_with_retries
+from worker.providers.base import (
+    CallContext,
+    Provider,
+    ProviderError,
+    ProviderResponse,
+    SSEEvent,
+)
+from worker.retry import Attempts
+from worker.routing import ProviderSet
 
 log = get_logger("ferry.worker")
 
@@ -28,11 +37,11 @@ Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 class InteractiveRunner:
-    def __init__(self, providers: Mapping[str, Provider], retry: RetryPolicy,
-                 history: HistoryWriter, replies: AbstractChannel, worker_id: str,
-                 spawn: Spawn) -> None:
+    def __init__(self, providers: ProviderSet, history: HistoryWriter,
+                 replies: AbstractChannel, worker_id: str, spawn: Spawn,
+                 metrics: Metrics) -> None:
         self._providers = providers
-        self._retry = retry
+        self._metrics = metrics
         self._history = history
         self._replies = replies
         self._worker_id = worker_id
@@ -80,24 +89,24 @@ class InteractiveRunner:
         await self._reply(envelope, Reply(kind="started"))
         outcome = _Outcome()
         try:
-            provider = self._providers.get(envelope.provider)
-            if provider is None:
-                raise ProviderError(400, "invalid_request_error",
-                                    f"provider {envelope.provider!r} is not configured")
-            ctx = CallContext(envelope.anthropic_version, envelope.anthropic_beta)
             if envelope.stream:
-                await self._stream(envelope, provider, ctx, outcome)
+                await self._stream(envelope, outcome)
             else:
-                response = await call_with_retries(
-                    self._retry, lambda: provider.create_message(envelope.body, ctx),
-                    outcome.attempts,
-                )
+                started = time.perf_counter()
+                try:
+                    response, route = await self._providers.call(envelope, _create,
+                                                                 outcome.attempts)
+                finally:
+                    outcome.provider_seconds = time.perf_counter() - started
+                outcome.served(route)
                 outcome.usage, outcome.stop_reason = response.usage, response.stop_reason
-                await self._reply(envelope, Reply(kind="message", body=response.body))
+                await self._reply(envelope, Reply(kind="message", body=response.body,
+                                                  provider_seconds=outcome.provider_seconds))
         except ProviderError as exc:
             outcome.fail(exc.status, exc.error_type)
             await self._reply(envelope, Reply(kind="error", status=exc.status,
-                                              body=exc.envelope().to_json()))
+                                              body=exc.envelope().to_json(),
+                                              provider_seconds=outcome.provider_seconds))
         except asyncio.CancelledError:
             if envelope.job_id.hex in self._cancelled_by_client:
                 outcome.fail(499, "client_disconnected")
@@ -109,20 +118,15 @@ class InteractiveRunner:
             raise
         finally:
             self._cancelled_by_client.discard(envelope.job_id.hex)
+            self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
             self._history.record(outcome.row(envelope, self._worker_id, submitted))
 
-    async def _stream(self, envelope: JobEnvelope, provider: Provider, ctx: CallContext,
-                      outcome: _Outcome) -> None:
-        async def open_stream() -> tuple[SSEEvent, AsyncIterator[SSEEvent]]:
-            events = provider.stream_message(envelope.body, ctx).__aiter__()
-            try:
-                return await events.__anext__(), events
-            except StopAsyncIteration:
-                raise ProviderError(502, "api_error", "the provider sent an empty stream",
-                                    retryable=True) from None
-
-        # Retries happen only before the first event: after it the client has output.
-        first, events = await call_with_retries(self._retry, open_stream, outcome.attempts)
+    async def _stream(self, envelope: JobEnvelope, outcome: _Outcome) -> None:
+        # Retries and fallbacks happen only before the first event: after it the client has
+        # output.
+        (first, events), route = await self._providers.call(envelope, _open_stream,
+                                                            outcome.attempts)
+        outcome.served(route)
         event: SSEEvent | None = first
         while event is not None:
             outcome.observe(event)
@@ -140,6 +144,20 @@ class InteractiveRunner:
         )
 
 
+async def _create(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
+    return await provider.create_message(body, ctx)
+
+
+async def _open_stream(provider: Provider, body: bytes,
+                       ctx: CallContext) -> tuple[SSEEvent, AsyncIterator[SSEEvent]]:
+    events = provider.stream_message(body, ctx).__aiter__()
+    try:
+        return await events.__anext__(), events
+    except StopAsyncIteration:
+        raise ProviderError(502, "api_error", "the provider sent an empty stream",
+                            retryable=True) from None
+
+
 def _error_reply(status: int, error_type: str, message: str) -> Reply:
     return Reply(kind="error", status=status,
                  body=ErrorEnvelope.of(error_type, message).to_json())
@@ -155,6 +173,11 @@ class _Outcome:
         self.error_type: str | None = None
         self.stop_reason: str | None = None
         self.usage: dict[str, int] = {}
+        self.route: Route | None = None
+        self.provider_seconds: float | None = None
+
+    def served(self, route: Route) -> None:
+        self.route = route
 
     def fail(self, http_status: int, error_type: str) -> None:
         self.status, self.http_status, self.error_type = "failed", http_status, error_type
@@ -181,6 +204,9 @@ class _Outcome:
             error_type=self.error_type, stop_reason=self.stop_reason,
             input_tokens=self.usage.get("input_tokens"),
             output_tokens=self.usage.get("output_tokens"),
+            served_provider=self.route.provider if self.route else None,
+            served_model=self.route.model if self.route else None,
+            upstream_model=envelope.upstream_model,
             submitted_at=submitted, started_at=submitted,
             completed_at=datetime.now(timezone.utc),
         )

@@ -32,14 +32,27 @@ class Attempts:
     count: int = 0
 
 
+class RetryLater(ProviderError):
+    """The next attempt should come after `delay` seconds: too long to hold a worker slot, so
+    the job goes back to the broker instead (async jobs only)."""
+
+    def __init__(self, cause: ProviderError, delay: float) -> None:
+        super().__init__(cause.status, cause.error_type, cause.message, retryable=True,
+                         retry_after=delay)
+        self.delay = delay
+        self.attempts = 0  # calls made before giving the slot up; set by the caller
+
+
 async def call_with_retries(
     policy: RetryPolicy,
     call: Callable[[], Awaitable[T]],
     attempts: Attempts,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    max_inline_wait: float | None = None,
 ) -> T:
     """Run `call` until it succeeds, fails for good, or the attempts are used up.
-    `attempts.count` says how many calls were made, also when it raises."""
+    `attempts.count` says how many calls were made, also when it raises. A wait longer than
+    `max_inline_wait` raises RetryLater instead of sleeping."""
     while True:
         attempts.count += 1
         try:
@@ -48,6 +61,8 @@ async def call_with_retries(
             if not exc.retryable or attempts.count >= policy.max_attempts:
                 raise
             wait = policy.delay(attempts.count, exc.retry_after)
+            if max_inline_wait is not None and wait > max_inline_wait:
+                raise RetryLater(exc, wait) from exc
             if wait > policy.max_s:
                 raise  # the provider asks for longer than we hold a slot for
         await sleep(wait)

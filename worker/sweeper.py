@@ -1,11 +1,13 @@
-"""Deletes expired results in bounded batches. Any number of replicas is safe: a session-level
+"""Deletes expired results, and history past its retention, in bounded batches. Any number of replicas is safe: a session-level
 advisory lock lets one of them sweep at a time."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from shared.logging import get_logger
+from shared.metrics import Metrics
 from shared.settings import Settings
 from shared.store import Store
 
@@ -15,9 +17,10 @@ SWEEPER_LOCK_KEY = 0x7377656570  # "sweep"
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._store = store
+        self._metrics = metrics or Metrics()
         self.deleted_total = 0
 
     async def sweep_once(self) -> int | None:
@@ -27,18 +30,30 @@ class Sweeper:
             if not await self._store.try_sweeper_lock(conn, SWEEPER_LOCK_KEY):
                 return None
             try:
-                deleted = 0
-                while True:
-                    n = await self._store.sweep_expired(self._settings.sweep_batch)
-                    deleted += n
-                    if n < self._settings.sweep_batch:
-                        break
+                deleted = await self._drain(self._store.sweep_expired)
+                self._metrics.swept.inc(deleted)
+                pruned = 0
+                if self._settings.history_retention_days:
+                    retention_s = self._settings.history_retention_days * 86400
+                    pruned = await self._drain(
+                        lambda batch: self._store.prune_history(retention_s, batch))
+                    self._metrics.history_pruned.inc(pruned)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", SWEEPER_LOCK_KEY)
         self.deleted_total += deleted
-        if deleted:
-            log.info("expired results deleted", deleted=deleted, total=self.deleted_total)
+        if deleted or pruned:
+            log.info("sweep done", results_deleted=deleted, history_pruned=pruned,
+                     results_deleted_total=self.deleted_total)
         return deleted
+
+    async def _drain(self, delete_batch: Callable[[int], Awaitable[int]]) -> int:
+        """Delete batch after batch (each its own short transaction) until one comes up short."""
+        total = 0
+        while True:
+            n = await delete_batch(self._settings.sweep_batch)
+            total += n
+            if n < self._settings.sweep_batch:
+                return total
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("sweeper running", interval_s=self._settings.sweep_interval_s)

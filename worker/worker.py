@@ -11,7 +11,7 @@ import asyncio
 import os
 import random
 import socket
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine
 from typing import Any
 
 import aio_pika
@@ -21,12 +21,15 @@ from aio_pika.abc import AbstractIncomingMessage
 from shared.broker import Broker, job_envelope
 from shared.jobs import JobEnvelope, format_job_id
 from shared.logging import get_logger
+from shared.metrics import Metrics
+from shared.providers import Route
 from shared.settings import Settings
 from shared.store import Outcome, Store
 from worker.history import HistoryWriter
 from worker.interactive import InteractiveRunner
 from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
-from worker.retry import Attempts, RetryPolicy, call_with_retries
+from worker.retry import Attempts, RetryLater
+from worker.routing import ProviderSet
 
 log = get_logger("ferry.worker")
 
@@ -41,16 +44,16 @@ def default_worker_id() -> str:
 
 class Worker:
     def __init__(self, settings: Settings, store: Store, broker: Broker,
-                 providers: Mapping[str, Provider], worker_id: str | None = None) -> None:
+                 providers: ProviderSet, worker_id: str | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._store = store
         self._broker = broker
         self._providers = providers
         self.worker_id = worker_id or default_worker_id()
-        self._retry = RetryPolicy(settings.provider_max_attempts, settings.retry_base_s,
-                                  settings.retry_max_s)
         self._tasks: set[asyncio.Task[None]] = set()
         self._history = HistoryWriter(store)
+        self._metrics = metrics or Metrics()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -61,9 +64,10 @@ class Worker:
             consumers.append(await self._broker.consume_jobs(
                 self._on_message, prefetch=s.worker_concurrency))
         if "interactive" in s.worker_lanes:
-            runner = InteractiveRunner(self._providers, self._retry, self._history,
+            runner = InteractiveRunner(self._providers, self._history,
                                        await self._broker.reply_channel(), self.worker_id,
-                                       self._spawn)
+                                       lambda coro: self._spawn(coro, "interactive"),
+                                       self._metrics)
             await self._broker.consume_cancels(runner.on_cancel)
             consumers.append(await self._broker.consume_interactive(
                 runner.on_message, prefetch=s.interactive_concurrency))
@@ -79,10 +83,12 @@ class Worker:
         await history_task
         log.info("worker stopped", worker_id=self.worker_id)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None], lane: str = "async") -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        gauge = self._metrics.in_flight.labels(lane)
+        gauge.inc()
+        task.add_done_callback(lambda t: (self._tasks.discard(t), gauge.dec()))
         return task
 
     async def _drain(self, grace_s: float) -> None:
@@ -134,35 +140,51 @@ class Worker:
             await message.ack()
             return
 
-        outcome = await self._call(envelope)
+        try:
+            outcome = await self._call(envelope)
+        except RetryLater as later:
+            # Waiting here would hold a slot for nothing: park the job in a delay queue.
+            await self._broker.publish_delayed(
+                envelope.model_copy(update={"attempt": envelope.attempt + later.attempts}),
+                later.delay,
+            )
+            await self._store.release(envelope.job_id)
+            await message.ack()
+            log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
+                     status=later.status)
+            return
         finished = await self._store.finish(envelope.job_id, outcome)
         await message.ack()
+        self._metrics.jobs_finished.labels("async", outcome.status).inc()
         log.info("job finished", status=outcome.status, attempts=outcome.attempts,
                  http_status=outcome.http_status, first=finished)
 
     async def _call(self, envelope: JobEnvelope) -> Outcome:
-        provider = self._providers.get(envelope.provider)
-        if provider is None:
-            err = ProviderError(400, "invalid_request_error",
-                                f"provider {envelope.provider!r} is not configured")
-            return _failure(err, attempts=0)
-        ctx = CallContext(envelope.anthropic_version, envelope.anthropic_beta)
         attempts = Attempts()
         try:
-            response = await call_with_retries(
-                self._retry, lambda: provider.create_message(envelope.body, ctx), attempts
+            response, route = await self._providers.call(
+                envelope, _create, attempts,
+                max_inline_wait=self._settings.inline_retry_max_s,
             )
+        except RetryLater as later:
+            later.attempts = attempts.count
+            raise
         except ProviderError as exc:
             log.info("provider call failed", status=exc.status, error_type=exc.error_type,
                      attempts=attempts.count)
             return _failure(exc, attempts.count)
-        return _success(response, attempts.count)
+        return _success(response, attempts.count, route)
 
 
-def _success(response: ProviderResponse, attempts: int) -> Outcome:
+async def _create(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
+    return await provider.create_message(body, ctx)
+
+
+def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome:
     usage = response.usage
     return Outcome(
         status="completed", body=response.body, attempts=attempts,
+        served_provider=route.provider, served_model=route.model,
         stop_reason=response.stop_reason,
         input_tokens=usage.get("input_tokens"), output_tokens=usage.get("output_tokens"),
         cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),

@@ -1,0 +1,68 @@
+"""Prometheus metrics. One `Metrics` object per process, passed to what records into it, so
+tests build their own and nothing is a mutable module global."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Gateway overhead is small: resolve it finely below 50 ms.
+_FINE = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0,
+         2.0, 5.0)
+_COARSE = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+           300.0, 600.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+MAX_MODEL_LABELS = 200
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        # api
+        self.requests = Counter("ferry_requests", "Requests answered by the api",
+                                ["mode", "model", "status"], registry=r)
+        self.request_seconds = Histogram("ferry_request_duration_seconds",
+                                         "Time to answer a request (streams: to the last byte)",
+                                         ["mode"], buckets=_COARSE, registry=r)
+        self.overhead_seconds = Histogram(
+            "ferry_gateway_overhead_seconds",
+            "Time the gateway added: sync total minus the provider call; async submit latency",
+            ["mode"], buckets=_FINE, registry=r)
+        self.queue_depth = Gauge("ferry_queue_depth", "Messages waiting in a lane's queue",
+                                 ["lane"], registry=r)
+        self.jobs_unfinished = Gauge("ferry_jobs_unfinished", "Async jobs by unfinished status",
+                                     ["status"], registry=r)
+        # worker
+        self.jobs_finished = Counter("ferry_jobs_finished", "Requests finished by workers",
+                                     ["mode", "status"], registry=r)
+        self.provider_calls = Counter("ferry_provider_calls", "Provider calls by outcome",
+                                      ["provider", "outcome"], registry=r)
+        self.provider_retries = Counter("ferry_provider_retries", "Provider calls that were retries",
+                                        ["provider"], registry=r)
+        self.provider_fallbacks = Counter("ferry_provider_fallbacks",
+                                          "Times a request moved on to a fallback route",
+                                          ["provider"], registry=r)
+        self.provider_seconds = Histogram("ferry_provider_call_seconds",
+                                          "Provider call duration (streams: until first event)",
+                                          ["provider"], buckets=_COARSE, registry=r)
+        self.in_flight = Gauge("ferry_worker_in_flight", "Requests a worker is processing",
+                               ["lane"], registry=r)
+        # sweeper
+        self.swept = Counter("ferry_sweeper_deleted", "Expired results deleted", registry=r)
+        self.history_pruned = Counter("ferry_history_pruned",
+                                      "History rows deleted past the retention", registry=r)
+
+        self._models: set[str] = set()
+
+    def model_label(self, model: str | None) -> str:
+        """Clients choose model names: cap the label's cardinality."""
+        if not model:
+            return "none"
+        if model in self._models or len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

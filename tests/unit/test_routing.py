@@ -1,0 +1,258 @@
+"""Provider routing: config loading, model prefixes, key pools, fallbacks (in memory)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from shared.errors import InvalidRequest
+from shared.jobs import JobEnvelope
+from shared.providers import ProviderConfigError, Route, load_providers
+from shared.settings import Settings
+from worker.main import resolve_key
+from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
+from worker.retry import Attempts, RetryLater, RetryPolicy
+from worker.routing import KeyPool, ProviderEntry, ProviderSet, body_for_route
+
+
+def settings(**kw: object) -> Settings:
+    base: dict[str, object] = {"anthropic_api_key": None, "openai_api_key": None,
+                               "openai_base_url": None, "providers_file": None}
+    return Settings(**{**base, **kw})
+
+
+# --- configuration and routes ------------------------------------------------------------
+
+def test_env_only_configures_anthropic() -> None:
+    assert load_providers(settings()).names() == ["anthropic"]
+
+
+def test_openai_from_env() -> None:
+    providers = load_providers(settings(openai_api_key="sk-o"))
+    assert providers.names() == ["anthropic", "openai"]
+    assert providers.configs["openai"].base_url == "https://api.openai.com/v1"
+    assert [k.key for k in providers.configs["openai"].keys] == ["sk-o"]
+
+
+@pytest.mark.parametrize("model, route", [
+    ("claude-sonnet-4-5", Route("anthropic", "claude-sonnet-4-5")),
+    ("anthropic/claude-x", Route("anthropic", "claude-x")),
+    ("openai/gpt-4o", Route("openai", "gpt-4o")),
+    ("groq/meta-llama/llama-3-70b", Route("groq", "meta-llama/llama-3-70b")),
+])
+def test_route(tmp_path: Path, model: str, route: Route) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text('[providers.groq]\ntype = "openai"\nbase_url = "http://g/v1"\n')
+    providers = load_providers(settings(openai_base_url="http://o/v1", providers_file=str(file)))
+    assert providers.route(model) == route
+
+
+@pytest.mark.parametrize("model, message", [
+    ("mistral/large", "model: provider 'mistral' is not configured; configured providers: "
+                      "anthropic, openai"),
+    ("openai/", "model: 'openai/' names no model after the provider prefix"),
+])
+def test_route_rejects(model: str, message: str) -> None:
+    providers = load_providers(settings(openai_base_url="http://o/v1"))
+    with pytest.raises(InvalidRequest) as exc:
+        providers.route(model)
+    assert exc.value.message == message
+
+
+def test_file_with_keys_and_weights(tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(
+        '[providers.openai]\ntype = "openai"\nbase_url = "http://o/v1"\n'
+        'keys = [{ key = "sk-a", weight = 3 }, { key = "env:SECOND" }]\nmax_attempts = 2\n'
+    )
+    config = load_providers(settings(providers_file=str(file))).configs["openai"]
+    assert [(k.key, k.weight) for k in config.keys] == [("sk-a", 3.0), ("env:SECOND", 1.0)]
+    assert config.max_attempts == 2
+    assert resolve_key("env:SECOND", {"SECOND": "sk-b"}) == "sk-b"
+    with pytest.raises(ValueError, match=r"\$SECOND"):
+        resolve_key("env:SECOND", {})
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[providers.x]\ntype = "grpc"\nbase_url = "u"\n', "providers.x"),
+    ('[providers.x]\ntype = "openai"\n', "base_url"),
+    ('[providers.x]\ntype = "openai"\nbase_url = "u"\ncolour = 1\n', "colour"),
+    ("providers = 3\n", "expected [providers.NAME] tables"),
+    ("[providers.x\n", "cannot read providers file"),
+])
+def test_bad_file(tmp_path: Path, text: str, fragment: str) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(text)
+    with pytest.raises(ProviderConfigError, match=fragment.replace("[", r"\[")):
+        load_providers(settings(providers_file=str(file)))
+
+
+def test_body_for_route_keeps_bytes_when_nothing_changes() -> None:
+    body = b'{"model":"claude-x","max_tokens":5,"messages":[]}'
+    assert body_for_route(body, Route("anthropic", "claude-x"), "claude-x") is body
+
+
+def test_body_for_route_strips_prefix_and_fallbacks() -> None:
+    body = b'{"model":"openai/gpt-4o","fallbacks":["a/b"],"max_tokens":5,"x":1}'
+    out = orjson.loads(body_for_route(body, Route("openai", "gpt-4o"), "openai/gpt-4o"))
+    assert out == {"model": "gpt-4o", "max_tokens": 5, "x": 1}
+
+
+# --- key pool ------------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_key_weights() -> None:
+    import random
+
+    pool = KeyPool([("a", 3.0), ("b", 1.0)], 60, rng=random.Random(7))
+    picks = [pool.pick() for _ in range(4000)]
+    assert 0.70 < picks.count("a") / len(picks) < 0.80
+
+
+def test_unauthorised_key_cools_down() -> None:
+    clock = Clock()
+    pool = KeyPool([("a", 1.0), ("b", 1.0)], 60, clock=clock)
+    pool.report("a", ProviderError(401, None, "bad key"))
+    assert {pool.pick() for _ in range(50)} == {"b"}
+    clock.now += 61
+    assert {pool.pick() for _ in range(200)} == {"a", "b"}
+
+
+def test_rate_limited_key_sits_out_retry_after() -> None:
+    clock = Clock()
+    pool = KeyPool([("a", 1.0), ("b", 1.0)], 60, clock=clock)
+    pool.report("b", ProviderError(429, None, "slow down", retry_after=5))
+    assert {pool.pick() for _ in range(50)} == {"a"}
+    assert not pool.has_other("a")
+    clock.now += 6
+    assert pool.has_other("a")
+
+
+def test_all_keys_cooling_uses_first_to_recover() -> None:
+    clock = Clock()
+    pool = KeyPool([("a", 1.0), ("b", 1.0)], 60, clock=clock)
+    pool.report("a", ProviderError(403, None, "no"))
+    clock.now += 10
+    pool.report("b", ProviderError(403, None, "no"))
+    assert pool.pick() == "a"
+
+
+# --- provider set: retries, key rotation, fallbacks --------------------------------------
+
+class Scripted:
+    """A provider whose answers are scripted per call; records the keys and bodies it saw."""
+
+    name = "scripted"
+
+    def __init__(self, outcomes: list[ProviderError | None]) -> None:
+        self.outcomes = outcomes
+        self.keys: list[str | None] = []
+        self.bodies: list[bytes] = []
+
+    async def create_message(self, body: bytes, ctx: CallContext) -> ProviderResponse:
+        self.keys.append(ctx.api_key)
+        self.bodies.append(body)
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is not None:
+            raise outcome
+        return ProviderResponse(body=b'{"type":"message"}', stop_reason="end_turn")
+
+    async def stream_message(self, body: bytes, ctx: CallContext) -> AsyncIterator[SSEEvent]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+
+def entry(provider: Scripted, keys: list[str] = ["k"], attempts: int = 3) -> ProviderEntry:
+    return ProviderEntry(provider, KeyPool([(k, 1.0) for k in keys], 60),
+                         RetryPolicy(attempts, 0.0, 1.0))
+
+
+def envelope(model: str = "claude-x", provider: str = "anthropic",
+             fallbacks: tuple[str, ...] = (), attempt: int = 0) -> JobEnvelope:
+    body = orjson.dumps({"model": model, "max_tokens": 5, "messages": [],
+                         **({"fallbacks": list(fallbacks)} if fallbacks else {})})
+    upstream = model.partition("/")[2] or model
+    return JobEnvelope(job_id=uuid.uuid4(), model=model, provider=provider,
+                       upstream_model=upstream, fallbacks=fallbacks, body=body, attempt=attempt)
+
+
+async def create(provider, body, ctx):  # type: ignore[no-untyped-def]
+    return await provider.create_message(body, ctx)
+
+
+def err(status: int, retry_after: float | None = None) -> ProviderError:
+    return ProviderError(status, None, f"failure {status}", retry_after=retry_after)
+
+
+async def test_retries_then_succeeds() -> None:
+    primary = Scripted([err(503), err(529)])
+    attempts = Attempts()
+    _, route = await ProviderSet({"anthropic": entry(primary)}).call(envelope(), create, attempts)
+    assert route == Route("anthropic", "claude-x") and attempts.count == 3
+
+
+async def test_fallback_after_retries_and_prefix_stripped() -> None:
+    primary, backup = Scripted([err(503)] * 3), Scripted([])
+    providers = ProviderSet({"anthropic": entry(primary), "openai": entry(backup)})
+    attempts = Attempts()
+    _, route = await providers.call(envelope(fallbacks=("openai/gpt-4o",)), create, attempts)
+    assert route == Route("openai", "gpt-4o")
+    assert attempts.count == 4
+    assert orjson.loads(backup.bodies[0])["model"] == "gpt-4o"
+    assert "fallbacks" not in orjson.loads(backup.bodies[0])
+
+
+async def test_no_fallback_for_client_errors() -> None:
+    primary, backup = Scripted([err(400)]), Scripted([])
+    providers = ProviderSet({"anthropic": entry(primary), "openai": entry(backup)})
+    with pytest.raises(ProviderError) as exc:
+        await providers.call(envelope(fallbacks=("openai/gpt-4o",)), create, Attempts())
+    assert exc.value.status == 400 and backup.bodies == []
+
+
+async def test_401_moves_to_the_next_key_at_once() -> None:
+    primary = Scripted([err(401)])
+    providers = ProviderSet({"anthropic": entry(primary, keys=["a", "b"])})
+    await providers.call(envelope(), create, Attempts())
+    assert len(primary.keys) == 2 and set(primary.keys) == {"a", "b"}
+
+
+async def test_401_with_a_single_key_fails() -> None:
+    primary = Scripted([err(401)])
+    with pytest.raises(ProviderError) as exc:
+        await ProviderSet({"anthropic": entry(primary)}).call(envelope(), create, Attempts())
+    assert exc.value.status == 401 and primary.keys == ["k"]
+
+
+async def test_long_wait_becomes_retry_later_only_without_fallbacks() -> None:
+    primary = Scripted([err(429, retry_after=20)])
+    providers = ProviderSet({"anthropic": entry(primary)})
+    with pytest.raises(RetryLater) as exc:
+        await providers.call(envelope(), create, Attempts(), max_inline_wait=5)
+    assert exc.value.delay == 20
+
+    primary, backup = Scripted([err(429, retry_after=20)]), Scripted([])
+    providers = ProviderSet({"anthropic": entry(primary), "openai": entry(backup)})
+    _, route = await providers.call(envelope(fallbacks=("openai/gpt-4o",)), create, Attempts(),
+                                    max_inline_wait=5)
+    assert route.provider == "openai"
+
+
+async def test_delayed_retry_resumes_the_attempt_count() -> None:
+    primary = Scripted([err(503)] * 5)
+    attempts = Attempts()
+    with pytest.raises(ProviderError):
+        await ProviderSet({"anthropic": entry(primary, attempts=3)}).call(
+            envelope(attempt=2), create, attempts)
+    assert len(primary.bodies) == 1 and attempts.count == 1

@@ -1,0 +1,147 @@
+"""The worker's provider layer: key pools, per-provider retry policies, and fallbacks."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import orjson
+
+from shared.jobs import JobEnvelope
+from shared.logging import get_logger
+from shared.metrics import Metrics
+from shared.providers import Route
+from worker.providers.base import CallContext, Provider, ProviderError
+from worker.retry import Attempts, RetryLater, RetryPolicy, call_with_retries
+
+log = get_logger("ferry.routing")
+
+T = TypeVar("T")
+Operation = Callable[[Provider, bytes, CallContext], Awaitable[T]]
+
+
+class KeyPool:
+    """Weighted choice among a provider's keys. A key answering 401/403 sits out a cool-down;
+    one answering 429 sits out the provider's retry-after, so the next attempt uses another."""
+
+    def __init__(self, keys: list[tuple[str, float]], cooldown_s: float,
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._keys = keys
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._until: dict[str, float] = {}
+
+    def pick(self) -> str | None:
+        if not self._keys:
+            return None
+        now = self._clock()
+        ready = [(k, w) for k, w in self._keys if self._until.get(k, 0.0) <= now]
+        if not ready:  # all cooling down: use the one that recovers first
+            return min(self._keys, key=lambda kw: self._until.get(kw[0], 0.0))[0]
+        keys, weights = zip(*ready)
+        return self._rng.choices(keys, weights=weights)[0]
+
+    def report(self, key: str | None, exc: ProviderError) -> None:
+        if key is None:
+            return
+        if exc.status in (401, 403):
+            self._until[key] = self._clock() + self._cooldown_s
+        elif exc.status == 429:
+            self._until[key] = self._clock() + (exc.retry_after or 1.0)
+
+    def has_other(self, key: str | None) -> bool:
+        now = self._clock()
+        return any(k != key and self._until.get(k, 0.0) <= now for k, _ in self._keys)
+
+
+@dataclass(frozen=True)
+class ProviderEntry:
+    provider: Provider
+    keys: KeyPool
+    retry: RetryPolicy
+
+
+def body_for_route(body: bytes, route: Route, client_model: str) -> bytes:
+    """The upstream body: the model without its prefix, and Ferry's own fields removed."""
+    if route.model == client_model and b'"fallbacks"' not in body:
+        return body  # the common case: forward the client's bytes untouched
+    data = orjson.loads(body)
+    data.pop("fallbacks", None)
+    data["model"] = route.model
+    return orjson.dumps(data)
+
+
+def parse_route(text: str) -> Route:
+    provider, _, model = text.partition("/")
+    return Route(provider, model)
+
+
+class ProviderSet:
+    def __init__(self, entries: Mapping[str, ProviderEntry],
+                 metrics: Metrics | None = None) -> None:
+        self._entries = entries
+        self._metrics = metrics or Metrics()
+
+    def routes(self, envelope: JobEnvelope) -> list[Route]:
+        primary = Route(envelope.provider, envelope.upstream_model or envelope.model)
+        return [primary, *(parse_route(f) for f in envelope.fallbacks)]
+
+    async def call(self, envelope: JobEnvelope, operation: Operation[T], attempts: Attempts,
+                   *, max_inline_wait: float | None = None) -> tuple[T, Route]:
+        """Run `operation` on the primary route with its retry policy, then on each fallback
+        while the failure is retryable. `attempts` counts calls over all routes."""
+        routes = self.routes(envelope)
+        ctx = CallContext(envelope.anthropic_version, envelope.anthropic_beta)
+        for index, route in enumerate(routes):
+            entry = self._entries.get(route.provider)
+            if entry is None:
+                raise ProviderError(400, "invalid_request_error",
+                                    f"provider {route.provider!r} is not configured")
+            body = body_for_route(envelope.body, route, envelope.model)
+            # A delayed retry resumes the primary's count where it stopped.
+            route_attempts = Attempts(envelope.attempt if index == 0 else 0)
+            last = index == len(routes) - 1
+            try:
+                result = await call_with_retries(
+                    entry.retry, lambda: self._once(entry, operation, body, ctx),
+                    route_attempts, max_inline_wait=max_inline_wait if last else None,
+                )
+                return result, route
+            except RetryLater:
+                raise
+            except ProviderError as exc:
+                if last or not exc.retryable:
+                    raise
+                log.info("falling back", failed=str(route), status=exc.status,
+                         next=str(routes[index + 1]))
+                self._metrics.provider_fallbacks.labels(route.provider).inc()
+            finally:
+                made = route_attempts.count - (envelope.attempt if index == 0 else 0)
+                attempts.count += made
+                if made > 1:
+                    self._metrics.provider_retries.labels(route.provider).inc(made - 1)
+        raise AssertionError("unreachable: routes is never empty")
+
+    async def _once(self, entry: ProviderEntry, operation: Operation[T], body: bytes,
+                    ctx: CallContext) -> T:
+        key = entry.keys.pick()
+        name = entry.provider.name
+        started = time.perf_counter()
+        try:
+            result = await operation(entry.provider, body, replace(ctx, api_key=key))
+        except ProviderError as exc:
+            self._metrics.provider_calls.labels(name, str(exc.status)).inc()
+            entry.keys.report(key, exc)
+            if exc.status in (401, 403, 429) and entry.keys.has_other(key):
+                # Another key may well work: try it now, not after a backoff.
+                raise ProviderError(exc.status, exc.error_type, exc.message, retryable=True,
+                                    retry_after=0.0) from exc
+            raise
+        self._metrics.provider_calls.labels(name, "ok").inc()
+        self._metrics.provider_seconds.labels(name).observe(time.perf_counter() - started)
+        return result
