@@ -355,3 +355,13 @@ def test_error_mapping(status: int, body: bytes, retry_after: str | None,
     error = map_openai_error(status, body, retry_after)
     assert error.status == status
     assert (error.error_type, error.message, error.retryable, error.retry_after) == expected
+
+
+def test_insufficient_quota_is_not_retried() -> None:
+    body = b'{"error":{"message":"You exceeded your quota","type":"insufficient_quota",' \
+           b'"code":"insufficient_quota"}}'
+    quota = map_openai_error(429, body, None)
+    assert (quota.status, quota.error_type, quota.retryable) == (429, "rate_limit_error", False)
+    limited = map_openai_error(429, b'{"error":{"message":"slow","code":"rate_limit_exceeded"}}',
+                               "2")
+    assert (limited.retryable, limited.retry_after) == (True, 2.0)

@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
 
 from shared.wire import ErrorEnvelope
-from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
+from worker.providers.base import (
+    CallContext,
+    ProviderError,
+    ProviderResponse,
+    SSEEvent,
+    parse_retry_after,
+)
 
 _CLIENT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
-    if not math.isfinite(seconds):
-        return None  # "nan" would make the backoff sleep forever
-    return max(seconds, 0.0)
 
 
 def error_from_body(status: int, raw: bytes, retry_after: str | None) -> ProviderError:

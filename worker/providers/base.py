@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +29,18 @@ class ProviderResponse:
     body: bytes
     stop_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # an HTTP date: rare from LLM providers; fall back to our own backoff
+    if not math.isfinite(seconds):
+        return None  # "nan" would make the backoff sleep forever
+    return max(seconds, 0.0)
 
 
 class ProviderError(Exception):

@@ -50,8 +50,7 @@ from shared.wire import (
     URLImageSource,
     error_type_for_status,
 )
-from worker.providers.anthropic import parse_retry_after
-from worker.providers.base import ProviderError, ProviderResponse
+from worker.providers.base import ProviderError, ProviderResponse, parse_retry_after
 
 Json = dict[str, Any]
 
@@ -389,5 +388,17 @@ def map_openai_error(status: int, body: bytes, retry_after: str | None) -> Provi
         message = f"provider answered HTTP {status}"
         if body:
             message = f"{message}: {body[:200].decode(errors='replace')}"
+    # A spent quota answers 429 too, but no retry will refill it.
+    retryable = False if _error_code(body) == "insufficient_quota" else None
     return ProviderError(status, openai_error_type(status), message,
-                         retry_after=parse_retry_after(retry_after))
+                         retry_after=parse_retry_after(retry_after), retryable=retryable)
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
