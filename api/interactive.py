@@ -70,9 +70,9 @@ async def serve_interactive(request: web.Request, body: bytes, message_request: 
             await asyncio.shield(broker.publish_cancel(job_id))
 
 
-async def _next(inbox: asyncio.Queue[Reply], timeout: float) -> Reply | None:
+async def _next(inbox: asyncio.Queue[Reply], within_s: float) -> Reply | None:
     try:
-        return await asyncio.wait_for(inbox.get(), max(timeout, 0))
+        return await asyncio.wait_for(inbox.get(), max(within_s, 0))
     except asyncio.TimeoutError:
         return None
 

@@ -40,7 +40,8 @@ def parse_ttl(value: str | None, settings: Settings) -> int:
     try:
         ttl = int(value.strip())
     except ValueError:
-        raise InvalidRequest(f"{ASYNC_TTL} must be a whole number of seconds, got {value!r}")
+        raise InvalidRequest(
+            f"{ASYNC_TTL} must be a whole number of seconds, got {value!r}") from None
     if not 0 <= ttl <= settings.result_ttl_max_s:
         raise InvalidRequest(
             f"{ASYNC_TTL} must be between 0 and {settings.result_ttl_max_s} seconds, got {ttl}"

@@ -38,8 +38,9 @@ class Metrics:
                                      ["mode", "status"], registry=r)
         self.provider_calls = Counter("ferry_provider_calls", "Provider calls by outcome",
                                       ["provider", "outcome"], registry=r)
-        self.provider_retries = Counter("ferry_provider_retries", "Provider calls that were retries",
-                                        ["provider"], registry=r)
+        self.provider_retries = Counter("ferry_provider_retries",
+                                        "Provider calls that were retries", ["provider"],
+                                        registry=r)
         self.provider_fallbacks = Counter("ferry_provider_fallbacks",
                                           "Times a request moved on to a fallback route",
                                           ["provider"], registry=r)

@@ -7,7 +7,7 @@ so a new Anthropic feature does not need a Ferry release.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -66,7 +66,7 @@ class FileImageSource(Strict):
 
 
 ImageSource = Annotated[
-    Union[Base64ImageSource, URLImageSource, FileImageSource], Field(discriminator="type")
+    Base64ImageSource | URLImageSource | FileImageSource, Field(discriminator="type")
 ]
 
 
@@ -97,7 +97,10 @@ class ToolUseBlock(Strict):
 class ToolResultBlock(Strict):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[Annotated[Union[TextBlock, ImageBlock, DocumentBlock], Field(discriminator="type")]] | None = None
+    content: (
+        str | list[Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]]
+        | None
+    ) = None
     is_error: bool | None = None
     cache_control: CacheControl | None = None
 
@@ -137,17 +140,15 @@ class _MissingType(Open):
 
 
 ContentBlock = Annotated[
-    Union[
-        Annotated[TextBlock, Tag("text")],
-        Annotated[ImageBlock, Tag("image")],
-        Annotated[DocumentBlock, Tag("document")],
-        Annotated[ToolUseBlock, Tag("tool_use")],
-        Annotated[ToolResultBlock, Tag("tool_result")],
-        Annotated[ThinkingBlock, Tag("thinking")],
-        Annotated[RedactedThinkingBlock, Tag("redacted_thinking")],
-        Annotated[OtherBlock, Tag("other")],
-        Annotated[_MissingType, Tag("missing")],
-    ],
+    (Annotated[TextBlock, Tag("text")] |
+    Annotated[ImageBlock, Tag("image")] |
+    Annotated[DocumentBlock, Tag("document")] |
+    Annotated[ToolUseBlock, Tag("tool_use")] |
+    Annotated[ToolResultBlock, Tag("tool_result")] |
+    Annotated[ThinkingBlock, Tag("thinking")] |
+    Annotated[RedactedThinkingBlock, Tag("redacted_thinking")] |
+    Annotated[OtherBlock, Tag("other")] |
+    Annotated[_MissingType, Tag("missing")]),
     Discriminator(_block_tag),
 ]
 
@@ -188,7 +189,7 @@ def _tool_tag(value: Any) -> str:
 
 
 Tool = Annotated[
-    Union[Annotated[CustomTool, Tag("custom")], Annotated[ServerTool, Tag("server")]],
+    Annotated[CustomTool, Tag("custom")] | Annotated[ServerTool, Tag("server")],
     Discriminator(_tool_tag),
 ]
 
@@ -214,7 +215,7 @@ class ToolChoiceTool(Strict):
 
 
 ToolChoice = Annotated[
-    Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceNone, ToolChoiceTool],
+    ToolChoiceAuto | ToolChoiceAny | ToolChoiceNone | ToolChoiceTool,
     Field(discriminator="type"),
 ]
 
@@ -228,7 +229,7 @@ class ThinkingDisabled(Strict):
     type: Literal["disabled"]
 
 
-Thinking = Annotated[Union[ThinkingEnabled, ThinkingDisabled], Field(discriminator="type")]
+Thinking = Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")]
 
 
 class Metadata(Strict):
@@ -254,11 +255,14 @@ class MessagesRequest(Open):
     thinking: Thinking | None = None
     # Ferry's extension: `provider/model` routes tried in order when the primary fails with a
     # retryable error after its retries. Stripped before the upstream call.
-    fallbacks: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=5)] | None = None
+    fallbacks: (
+        Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=5)] | None
+    ) = None
 
     @model_validator(mode="after")
     def _budget_below_max_tokens(self) -> MessagesRequest:
-        if isinstance(self.thinking, ThinkingEnabled) and self.thinking.budget_tokens >= self.max_tokens:
+        thinking = self.thinking
+        if isinstance(thinking, ThinkingEnabled) and thinking.budget_tokens >= self.max_tokens:
             raise ValueError("thinking.budget_tokens must be less than max_tokens")
         return self
 

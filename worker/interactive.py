@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -77,15 +77,15 @@ class InteractiveRunner:
                 log.info("interactive request expired before pickup; dropped")
             elif message.redelivered:
                 # The worker that had it died; it may have sent part of the answer already.
-                await self._reply(envelope, _error_reply(503, "api_error",
-                                                         "the worker serving this request stopped; retry"))
+                await self._reply(envelope, _error_reply(
+                    503, "api_error", "the worker serving this request stopped; retry"))
             else:
                 await self._serve(envelope)
         finally:
             await message.ack()
 
     async def _serve(self, envelope: JobEnvelope) -> None:
-        submitted = datetime.fromtimestamp(time.time(), timezone.utc)
+        submitted = datetime.fromtimestamp(time.time(), UTC)
         await self._reply(envelope, Reply(kind="started"))
         outcome = _Outcome()
         try:
@@ -208,5 +208,5 @@ class _Outcome:
             served_model=self.route.model if self.route else None,
             upstream_model=envelope.upstream_model,
             submitted_at=submitted, started_at=submitted,
-            completed_at=datetime.now(timezone.utc),
+            completed_at=datetime.now(UTC),
         )

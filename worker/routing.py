@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,7 +44,7 @@ class KeyPool:
         ready = [(k, w) for k, w in self._keys if self._until.get(k, 0.0) <= now]
         if not ready:  # all cooling down: use the one that recovers first
             return min(self._keys, key=lambda kw: self._until.get(kw[0], 0.0))[0]
-        keys, weights = zip(*ready)
+        keys, weights = zip(*ready, strict=True)
         return self._rng.choices(keys, weights=weights)[0]
 
     def report(self, key: str | None, exc: ProviderError) -> None:
@@ -108,7 +109,7 @@ class ProviderSet:
             last = index == len(routes) - 1
             try:
                 result = await call_with_retries(
-                    entry.retry, lambda: self._once(entry, operation, body, ctx),
+                    entry.retry, functools.partial(self._once, entry, operation, body, ctx),
                     route_attempts, max_inline_wait=max_inline_wait if last else None,
                 )
                 return result, route

@@ -1,5 +1,5 @@
-"""Deletes expired results, and history past its retention, in bounded batches. Any number of replicas is safe: a session-level
-advisory lock lets one of them sweep at a time."""
+"""Deletes expired results, and history past its retention, in bounded batches. Any number of
+replicas is safe: a session-level advisory lock lets one of them sweep at a time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The worker loop: consume jobs (and interactive requests, see interactive.py), call the provider, store the outcome, then ack.
+"""The worker loop: consume jobs (and interactive requests, see interactive.py), call the
+provider, store the outcome, then ack.
 
 Lifecycle: prefetch = concurrency, one task per message. On SIGTERM stop taking messages, let
 in-flight calls finish within the grace period, then cancel the rest and nack them so another
@@ -88,7 +89,11 @@ class Worker:
         self._tasks.add(task)
         gauge = self._metrics.in_flight.labels(lane)
         gauge.inc()
-        task.add_done_callback(lambda t: (self._tasks.discard(t), gauge.dec()))
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            gauge.dec()
+
+        task.add_done_callback(done)
         return task
 
     async def _drain(self, grace_s: float) -> None:

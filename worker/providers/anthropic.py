@@ -113,7 +113,9 @@ def parse_message(raw: bytes) -> ProviderResponse:
     if not isinstance(data, dict) or data.get("type") != "message":
         raise ProviderError(502, "api_error", "the provider's answer is not a Message",
                             retryable=False)
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     return ProviderResponse(
         body=raw,
         stop_reason=data.get("stop_reason"),
