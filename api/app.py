@@ -13,6 +13,7 @@ from api.messages import create_message
 from api.middleware import errors_middleware
 from api.replies import ReplyRouter
 from api.responses import json_response
+from shared import runtime
 from shared.broker import Broker
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
@@ -59,6 +60,11 @@ async def _refresh_stats(app: web.Application) -> None:
                 metrics.jobs_unfinished.labels(status).set(count)
         except Exception as exc:  # stale figures beat a dead loop; say why once per round
             log.warning("could not refresh stats", error=f"{type(exc).__name__}: {exc}")
+        # aio-pika can swallow a cancellation that lands while it closes a channel; honour
+        # it here, or shutdown would wait on this loop forever.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(app[SETTINGS].stats_interval_s)
 
 
@@ -104,5 +110,6 @@ def run(settings: Settings) -> None:
     log.info("api starting", host=settings.host, port=settings.port,
              namespace=settings.namespace)
     web.run_app(create_app(settings), host=settings.host, port=settings.port,
+                loop=runtime.loop_factory()(),
                 access_log=None, print=None, handle_signals=True,
                 handler_cancellation=True)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 from aiohttp import web
 
+from shared import runtime
 from shared.broker import Broker
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
@@ -128,8 +129,8 @@ async def _run_sweeper(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    asyncio.run(_run_worker(settings))
+    runtime.run(_run_worker(settings))
 
 
 def run_sweeper(settings: Settings) -> None:
-    asyncio.run(_run_sweeper(settings))
+    runtime.run(_run_sweeper(settings))

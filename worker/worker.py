@@ -144,6 +144,16 @@ class Worker:
             log.info("redelivered job already finished", status=claim.status)
             await message.ack()
             return
+        if claim.deliveries >= self._settings.delivery_limit:
+            # Workers died or were stopped under this job every time: it may be what kills
+            # them. Fail it visibly rather than let the broker dead-letter it with the row
+            # stuck in `processing`.
+            error = ProviderError(500, "api_error", f"the job was picked up {claim.deliveries}"
+                                  " times without finishing; giving up", retryable=False)
+            await self._store.finish(envelope.job_id, _failure(error, attempts=0))
+            await message.ack()
+            log.error("job failed after repeated deliveries", deliveries=claim.deliveries)
+            return
 
         try:
             outcome = await self._call(envelope)
