@@ -90,7 +90,7 @@ class Settings(BaseSettings):
 
     # Front door
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, validation_alias=_env("FERRY_MAX_BODY"))
-    db_pool_size: int = Field(20, ge=1, validation_alias=_env("FERRY_DB_POOL_SIZE"))
+    db_pool_size: int = Field(10, ge=1, validation_alias=_env("FERRY_DB_POOL_SIZE"))
 
     metrics_port: int = Field(9100, ge=0, le=65535, validation_alias=_env("FERRY_METRICS_PORT"))
     stats_interval_s: float = Field(5.0, gt=0, validation_alias=_env("FERRY_STATS_INTERVAL"))

@@ -222,10 +222,12 @@ class Store:
         async with self._pool.acquire() as conn:
             await conn.copy_records_to_table("jobs", records=records, columns=_HISTORY_COLUMNS)
 
-    async def release(self, job_id: uuid.UUID) -> None:
-        """Back to pending: the job waits in a delay queue for its next attempt."""
+    async def release(self, job_id: uuid.UUID, attempts: int) -> None:
+        """Back to pending: the job waits in a delay queue for its next attempt; the calls
+        made so far count in its history."""
         await self._pool.execute(
-            "UPDATE jobs SET status = 'pending' WHERE id = $1 AND status = 'processing'", job_id
+            "UPDATE jobs SET status = 'pending', attempts = attempts + $2"
+            " WHERE id = $1 AND status = 'processing'", job_id, attempts,
         )
 
     # --- sweeper ---------------------------------------------------------------------------

@@ -104,13 +104,15 @@ class ProviderSet:
                 raise ProviderError(400, "invalid_request_error",
                                     f"provider {route.provider!r} is not configured")
             body = body_for_route(envelope.body, route, envelope.model)
-            # A delayed retry resumes the primary's count where it stopped.
-            route_attempts = Attempts(envelope.attempt if index == 0 else 0)
+            # Only a job with a single route is parked for a long wait (its fallbacks are the
+            # better use of the time otherwise); a parked job resumes its count.
+            single = len(routes) == 1
+            route_attempts = Attempts(envelope.attempt if single else 0)
             last = index == len(routes) - 1
             try:
                 result = await call_with_retries(
                     entry.retry, functools.partial(self._once, entry, operation, body, ctx),
-                    route_attempts, max_inline_wait=max_inline_wait if last else None,
+                    route_attempts, max_inline_wait=max_inline_wait if single else None,
                 )
                 return result, route
             except RetryLater:
@@ -122,7 +124,7 @@ class ProviderSet:
                          next=str(routes[index + 1]))
                 self._metrics.provider_fallbacks.labels(route.provider).inc()
             finally:
-                made = route_attempts.count - (envelope.attempt if index == 0 else 0)
+                made = route_attempts.count - (envelope.attempt if single else 0)
                 attempts.count += made
                 if made > 1:
                     self._metrics.provider_retries.labels(route.provider).inc(made - 1)

@@ -144,15 +144,16 @@ class Worker:
             log.info("redelivered job already finished", status=claim.status)
             await message.ack()
             return
-        if claim.deliveries >= self._settings.delivery_limit:
+        returned = _times_returned(message)
+        if returned >= self._settings.delivery_limit - 1:
             # Workers died or were stopped under this job every time: it may be what kills
-            # them. Fail it visibly rather than let the broker dead-letter it with the row
-            # stuck in `processing`.
-            error = ProviderError(500, "api_error", f"the job was picked up {claim.deliveries}"
+            # them. Fail it visibly before the broker dead-letters it with the row stuck in
+            # `processing`. (A delayed retry is a new message: it does not count here.)
+            error = ProviderError(500, "api_error", f"the job was picked up {returned + 1}"
                                   " times without finishing; giving up", retryable=False)
             await self._store.finish(envelope.job_id, _failure(error, attempts=0))
             await message.ack()
-            log.error("job failed after repeated deliveries", deliveries=claim.deliveries)
+            log.error("job failed after repeated deliveries", deliveries=returned + 1)
             return
 
         try:
@@ -163,7 +164,7 @@ class Worker:
                 envelope.model_copy(update={"attempt": envelope.attempt + later.attempts}),
                 later.delay,
             )
-            await self._store.release(envelope.job_id)
+            await self._store.release(envelope.job_id, later.attempts)
             await message.ack()
             log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
                      status=later.status)
@@ -210,6 +211,12 @@ def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome
 def _failure(exc: ProviderError, attempts: int) -> Outcome:
     return Outcome(status="failed", body=exc.envelope().to_json(), attempts=attempts,
                    http_status=exc.status, error_type=exc.error_type)
+
+
+def _times_returned(message: AbstractIncomingMessage) -> int:
+    """How often the broker got this message back unacked (quorum queues count it)."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) else 0
 
 
 async def _settle(action: object) -> None:
