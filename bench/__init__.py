@@ -1,0 +1,1 @@
+"""Ferry's benchmark: `python -m bench --help`."""

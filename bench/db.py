@@ -1,0 +1,143 @@
+"""The bench's own database: created fresh each run, read directly for job figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+# What a stored result looks like (a short message), so the sweeper deletes realistic rows.
+RESULT_BODY = (
+    '{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench",'
+    '"content":[{"type":"text","text":"echo: a short answer of about the usual size"}],'
+    '"stop_reason":"end_turn","stop_sequence":null,'
+    '"usage":{"input_tokens":12,"output_tokens":9,"cache_creation_input_tokens":0,'
+    '"cache_read_input_tokens":0}}'
+)
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@dataclass(frozen=True)
+class JobSpan:
+    count: int
+    first_submitted: float | None  # epoch seconds
+    first_started: float | None
+    last_completed: float | None
+
+
+class BenchDB:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def connect(cls, dsn: str) -> BenchDB:
+        return cls(await asyncpg.connect(dsn))
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def reset(self) -> None:
+        await self._conn.execute("TRUNCATE jobs CASCADE")
+
+    async def status_counts(self) -> dict[str, int]:
+        rows = await self._conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+
+    async def wait_finished(self, expected: int, timeout_s: float, poll_s: float = 0.2
+                            ) -> dict[str, int]:
+        """Poll until `expected` async jobs are completed or failed (or `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            counts = await self.status_counts()
+            if counts.get("completed", 0) + counts.get("failed", 0) >= expected:
+                return counts
+            if time.monotonic() > deadline:
+                return counts
+            await asyncio.sleep(poll_s)
+
+    async def async_job_span(self) -> JobSpan:
+        row = await self._conn.fetchrow(
+            "SELECT count(*) AS n, extract(epoch FROM min(submitted_at)) AS sub,"
+            " extract(epoch FROM min(started_at)) AS start,"
+            " extract(epoch FROM max(completed_at)) AS done"
+            " FROM jobs WHERE mode = 'async' AND status = 'completed'"
+        )
+        return JobSpan(row["n"], _f(row["sub"]), _f(row["start"]), _f(row["done"]))
+
+    async def pickup_and_run(self) -> tuple[float, float, float]:
+        """(seconds from first to last started_at, p50 and p99 of completed_at − started_at)
+        over completed async jobs: whether jobs waited to be picked up or to be finished."""
+        row = await self._conn.fetchrow(
+            "SELECT extract(epoch FROM max(started_at) - min(started_at)) AS spread,"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY"
+            "  extract(epoch FROM completed_at - started_at)) AS p50,"
+            " percentile_cont(0.99) WITHIN GROUP (ORDER BY"
+            "  extract(epoch FROM completed_at - started_at)) AS p99"
+            " FROM jobs WHERE mode = 'async' AND status = 'completed'"
+        )
+        return float(row["spread"] or 0), float(row["p50"] or 0), float(row["p99"] or 0)
+
+    async def peak_in_flight(self) -> int:
+        """Most async jobs between started_at and completed_at at one instant."""
+        return int(await self._conn.fetchval(
+            "SELECT coalesce(max(running), 0) FROM ("
+            " SELECT sum(delta) OVER (ORDER BY at, delta) AS running FROM ("
+            "  SELECT started_at AS at, 1 AS delta FROM jobs"
+            "   WHERE mode = 'async' AND started_at IS NOT NULL"
+            "  UNION ALL SELECT completed_at, -1 FROM jobs"
+            "   WHERE mode = 'async' AND completed_at IS NOT NULL) e) s"
+        ))
+
+    async def seed_expired(self, rows: int) -> None:
+        """`rows` finished async jobs whose results expired an hour ago, as the sweeper finds
+        them after a quiet spell; then ANALYZE, as autovacuum would soon do."""
+        await self._conn.execute(
+            "INSERT INTO jobs (id, caller_hash, mode, model, provider, status, ttl_seconds,"
+            " attempts, deliveries, input_tokens, output_tokens, stop_reason, submitted_at,"
+            " started_at, completed_at, expires_at)"
+            " SELECT gen_random_uuid(), '\\x00'::bytea, 'async', 'claude-bench', 'anthropic',"
+            " 'completed', 60, 1, 1, 12, 9, 'end_turn', t - interval '2 minutes',"
+            " t - interval '2 minutes', t - interval '1 minute', t"
+            " FROM (SELECT now() - interval '1 hour' - g * interval '1 millisecond' AS t"
+            "       FROM generate_series(1, $1) g) s",
+            rows,
+        )
+        await self._conn.execute(
+            "INSERT INTO job_results (job_id, body, expires_at)"
+            " SELECT id, $1::json, expires_at FROM jobs WHERE expires_at < now()",
+            RESULT_BODY,
+        )
+        await self._conn.execute("ANALYZE jobs")
+        await self._conn.execute("ANALYZE job_results")
+
+    async def sweep_state(self, lock_key: int) -> tuple[bool, bool]:
+        """(is the sweeper's advisory lock held, are there results left). The newest result
+        goes last (the sweeper deletes oldest first), so a backward index scan finds it
+        cheaply until the very end."""
+        row = await self._conn.fetchrow(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+            "  AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1) AS locked,"
+            " EXISTS (SELECT FROM (SELECT 1 FROM job_results ORDER BY expires_at DESC LIMIT 1)"
+            "  s) AS left",
+            lock_key >> 32, lock_key & 0xFFFFFFFF,
+        )
+        return bool(row["locked"]), bool(row["left"])
+
+
+def _f(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
