@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api.keys import BROKER, METRICS, PROVIDERS, REPLIES, SETTINGS, STORE
+from api.keys import BROKER, METRICS, PROVIDERS, REPLIES, SETTINGS, STORE, SUBMITS
 from api.messages import create_message
 from api.middleware import errors_middleware
 from api.replies import ReplyRouter
 from api.responses import json_response
+from api.submit import SubmitBatcher
 from shared import runtime
 from shared.broker import Broker
 from shared.logging import get_logger
@@ -33,6 +34,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BROKER] = broker = await Broker.connect(app[SETTINGS])
+    app[SUBMITS] = SubmitBatcher(app[STORE], broker)
     app[REPLIES] = replies = ReplyRouter()
     await replies.start(broker)
     broker.on_reconnect(replies.fail_all)

@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from api.replies import ReplyRouter
+from api.submit import SubmitBatcher
 from shared.broker import Broker
 from shared.metrics import Metrics
 from shared.providers import Providers
@@ -15,3 +16,4 @@ BROKER = web.AppKey("broker", Broker)
 REPLIES = web.AppKey("replies", ReplyRouter)
 PROVIDERS = web.AppKey("providers", Providers)
 METRICS = web.AppKey("metrics", Metrics)
+SUBMITS = web.AppKey("submits", SubmitBatcher)

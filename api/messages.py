@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from api.envelope import build_envelope
 from api.interactive import serve_interactive
-from api.keys import BROKER, SETTINGS, STORE
+from api.keys import SETTINGS, STORE, SUBMITS
 from api.responses import json_bytes, json_response
 from shared.errors import InvalidRequest, NotFound
 from shared.jobs import caller_hash, format_job_id, parse_job_id
@@ -100,8 +100,7 @@ async def submit_job(request: web.Request, body: bytes, message_request: Message
     job_id = envelope.job_id
     job = NewJob(job_id, caller, "async", message_request.model, envelope.provider, ttl,
                  envelope.upstream_model or message_request.model)
-    async with request.app[STORE].submitting(job):
-        await request.app[BROKER].publish_job(envelope)
+    await request.app[SUBMITS].submit(job, envelope)
     return json_response(
         pending_message(format_job_id(job_id), message_request.model),
         headers={ASYNC_STATUS: "pending"},

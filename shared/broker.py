@@ -141,10 +141,11 @@ class Broker:
     """One robust connection, a confirming publisher channel, and consumer channels."""
 
     def __init__(self, settings: Settings, connection: AbstractRobustConnection,
-                 publisher: AbstractChannel) -> None:
+                 publisher: AbstractChannel, fast: AbstractChannel) -> None:
         self._settings = settings
         self._connection = connection
         self._publisher = publisher
+        self._fast = fast
         self._consumer_channels: list[AbstractChannel] = []
 
     @classmethod
@@ -153,7 +154,9 @@ class Broker:
             settings.amqp_url, client_properties={"connection_name": f"ferry:{settings.namespace}"}
         )
         publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        broker = cls(settings, connection, publisher)
+        # Interactive requests are not durable work: no confirm round trip on their path.
+        fast = await connection.channel(publisher_confirms=False)
+        broker = cls(settings, connection, publisher, fast)
         await broker.declare_topology(publisher)
         return broker
 
@@ -166,7 +169,8 @@ class Broker:
 
     @property
     def is_connected(self) -> bool:
-        return not self._connection.is_closed and not self._publisher.is_closed
+        return not (self._connection.is_closed or self._publisher.is_closed
+                    or self._fast.is_closed)
 
     async def declare_topology(self, channel: AbstractChannel) -> AbstractQueue:
         """Both lanes. Returns the jobs queue: durable quorum queue whose poison messages
@@ -244,18 +248,16 @@ class Broker:
         )
 
     async def publish_interactive(self, envelope: JobEnvelope) -> None:
-        """Queue a sync/stream request; the broker drops it if no worker takes it in time."""
+        """Queue a sync/stream request; the broker drops it if no worker takes it in time.
+        Unconfirmed: a request the broker refuses (queue full) is simply never picked up,
+        and the api answers 529 when the pickup timeout passes."""
         message = job_message(envelope)
         message.expiration = self._settings.pickup_timeout_s
         try:
-            await self._publisher.default_exchange.publish(
+            await self._fast.default_exchange.publish(
                 message, routing_key=self._settings.interactive_queue,
-                mandatory=True, timeout=PUBLISH_TIMEOUT_S,
+                mandatory=False, timeout=PUBLISH_TIMEOUT_S,
             )
-        except aio_pika.exceptions.DeliveryError as exc:
-            raise Overloaded("too many requests are waiting for a worker; retry later") from exc
-        except aio_pika.exceptions.PublishError as exc:
-            raise Unavailable("the request queue does not exist; is the broker set up?") from exc
         except _BROKER_DOWN as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 

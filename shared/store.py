@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -122,16 +122,31 @@ class Store:
         The row commits only if the body of the `async with` succeeds (the broker confirmed),
         so a failed publish or a crash leaves no job behind that would stay pending forever.
         """
+        async with self.submitting_many([job]):
+            yield
+
+    @asynccontextmanager
+    async def submitting_many(
+        self, jobs: list[NewJob]
+    ) -> AsyncIterator[Callable[[list[uuid.UUID]], Awaitable[None]]]:
+        """`submitting` for a batch: one INSERT, one commit. Yields `discard(ids)`, which
+        removes the rows of jobs whose publish failed before the rest commit."""
         try:
             conn: asyncpg.Connection
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds,"
-                    " upstream_model) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    job.id, job.caller_hash, job.mode, job.model, job.provider, job.ttl_seconds,
-                    job.upstream_model,
+                    " upstream_model) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[],"
+                    " $4::text[], $5::text[], $6::integer[], $7::text[])",
+                    [j.id for j in jobs], [j.caller_hash for j in jobs], [j.mode for j in jobs],
+                    [j.model for j in jobs], [j.provider for j in jobs],
+                    [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
                 )
-                yield
+
+                async def discard(ids: list[uuid.UUID]) -> None:
+                    await conn.execute("DELETE FROM jobs WHERE id = ANY($1::uuid[])", ids)
+
+                yield discard
         except _POSTGRES_DOWN as exc:
             raise Unavailable("the job store is unavailable; retry later") from exc
 
