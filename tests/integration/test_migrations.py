@@ -1,0 +1,141 @@
+"""Migrations: idempotent, safe to run concurrently, and producing the expected schema."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from shared.migrate import migrate, migration_files
+from tests.conftest import TestRun
+
+pytestmark = pytest.mark.integration
+
+ALL_MIGRATIONS = [path.name for _, path in migration_files()]
+
+
+@pytest_asyncio.fixture
+async def new_database_url(test_run: TestRun) -> AsyncIterator[str]:
+    """The URL of a database that does not exist yet; `migrate` has to create it."""
+    url = test_run.database_url(test_run.new_database_name())
+    yield url
+    await test_run.drop_database(url)
+
+
+async def applied_versions(url: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+        return [(r["version"], r["name"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+async def test_migrate_twice_applies_nothing_the_second_time(new_database_url: str) -> None:
+    assert await migrate(new_database_url) == ALL_MIGRATIONS
+    assert await migrate(new_database_url) == []
+    assert [name for _, name in await applied_versions(new_database_url)] == ALL_MIGRATIONS
+
+
+async def test_concurrent_migrations_on_a_new_database_apply_each_file_once(
+    new_database_url: str,
+) -> None:
+    first, second = await asyncio.gather(migrate(new_database_url), migrate(new_database_url))
+    assert sorted(first + second) == sorted(ALL_MIGRATIONS)
+    assert [name for _, name in await applied_versions(new_database_url)] == ALL_MIGRATIONS
+
+
+async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
+    rows = await db.fetch(
+        "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = 'jobs' ORDER BY ordinal_position"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("id", "uuid", "NO"),
+        ("caller_hash", "bytea", "NO"),
+        ("mode", "text", "NO"),
+        ("model", "text", "NO"),
+        ("provider", "text", "NO"),
+        ("status", "text", "NO"),
+        ("ttl_seconds", "integer", "NO"),
+        ("attempts", "integer", "NO"),
+        ("deliveries", "integer", "NO"),
+        ("worker_id", "text", "YES"),
+        ("http_status", "smallint", "YES"),
+        ("error_type", "text", "YES"),
+        ("input_tokens", "integer", "YES"),
+        ("output_tokens", "integer", "YES"),
+        ("cache_creation_input_tokens", "integer", "YES"),
+        ("cache_read_input_tokens", "integer", "YES"),
+        ("stop_reason", "text", "YES"),
+        ("submitted_at", "timestamp with time zone", "NO"),
+        ("started_at", "timestamp with time zone", "YES"),
+        ("completed_at", "timestamp with time zone", "YES"),
+        ("expires_at", "timestamp with time zone", "YES"),
+        ("upstream_model", "text", "YES"),
+        ("served_provider", "text", "YES"),
+        ("served_model", "text", "YES"),
+    ]
+
+
+async def test_job_results_table_columns(db: asyncpg.Connection) -> None:
+    rows = await db.fetch(
+        "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = 'job_results' ORDER BY ordinal_position"
+    )
+    assert [tuple(r) for r in rows] == [
+        ("job_id", "uuid", "NO"),
+        ("body", "json", "NO"),  # json, not jsonb: the provider's bytes come back verbatim
+        ("expires_at", "timestamp with time zone", "NO"),
+    ]
+
+
+async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
+    tables = await db.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+    )
+    assert {r["table_name"] for r in tables} == {"jobs", "job_results", "schema_migrations"}
+    rows = await db.fetch(
+        "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+    )
+    indexes = {(r["tablename"], r["indexname"]): r["indexdef"] for r in rows}
+    assert set(indexes) == {
+        ("jobs", "jobs_pkey"),
+        ("jobs", "jobs_submitted_at_idx"),
+        ("jobs", "jobs_model_submitted_at_idx"),
+        ("jobs", "jobs_unfinished_idx"),
+        ("jobs", "jobs_provider_submitted_at_idx"),
+        ("job_results", "job_results_pkey"),
+        ("job_results", "job_results_expires_at_idx"),
+        ("schema_migrations", "schema_migrations_pkey"),
+    }
+    assert "(model, submitted_at)" in indexes[("jobs", "jobs_model_submitted_at_idx")]
+    assert "(provider, submitted_at)" in indexes[("jobs", "jobs_provider_submitted_at_idx")]
+    assert "(expires_at)" in indexes[("job_results", "job_results_expires_at_idx")]
+    unfinished = indexes[("jobs", "jobs_unfinished_idx")]
+    assert "WHERE" in unfinished and "'pending'" in unfinished and "'processing'" in unfinished
+
+
+async def test_results_belong_to_jobs_and_go_with_them(db: asyncpg.Connection) -> None:
+    rule = await db.fetchval(
+        "SELECT rc.delete_rule FROM information_schema.referential_constraints rc"
+        " JOIN information_schema.key_column_usage k"
+        " ON k.constraint_name = rc.constraint_name AND k.table_name = 'job_results'"
+        " WHERE k.column_name = 'job_id'"
+    )
+    assert rule == "CASCADE"
+
+
+async def test_status_and_mode_are_constrained(db: asyncpg.Connection) -> None:
+    insert = ("INSERT INTO jobs (id, caller_hash, mode, model, provider, status, ttl_seconds)"
+              " VALUES (gen_random_uuid(), '\\x00', $1, 'm', 'anthropic', $2, $3)")
+    await db.execute(insert, "async", "pending", 0)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(insert, "async", "done", 0)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(insert, "batch", "pending", 0)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(insert, "async", "pending", -1)
