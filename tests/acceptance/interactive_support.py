@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from tests.acceptance.stack import Stack
+from tests.acceptance.stack import Stack, running_stack
 from tests.conftest import TestRun
 from tests.support import free_port
 
@@ -141,25 +141,15 @@ async def providers_stack(run: TestRun, log_dir: Path, suffix: str,
                           env: dict[str, str] | None = None) -> AsyncIterator[Stack]:
     """running_stack, plus FERRY_PROVIDERS_FILE written from `providers_toml(stack)` before
     any process starts (the file needs the fake provider's URL, which the Stack picks)."""
-    database_url = run.database_url(run.new_database_name())  # created by `ferry migrate`
-    stack = Stack(run, log_dir, run.new_namespace(suffix), database_url, dict(env or {}))
     path = log_dir / "providers.toml"
-    path.write_text(providers_toml(stack))
-    stack.settings_env["FERRY_PROVIDERS_FILE"] = str(path)
-    try:
-        stack.start("fake-provider", "fake-provider", "--port", str(stack.fake_port))
-        await stack.run_to_completion("migrate", "migrate")
-        stack.start("api", "api")
-        names = [f"worker-{i}" for i in range(1, workers + 1)]
-        for name in names:
-            stack.start(name, "worker")
-        await stack.wait_ready("fake-provider", f"{stack.fake_url}/healthz")
-        await stack.wait_ready("api", f"{stack.url}/readyz")
-        await stack.wait_consumers(names)
+
+    def write_providers(stack: Stack) -> None:
+        path.write_text(providers_toml(stack))
+        stack.settings_env["FERRY_PROVIDERS_FILE"] = str(path)
+
+    async with running_stack(run, log_dir, suffix, workers=workers, env=env,
+                             before_start=write_providers) as stack:
         yield stack
-    finally:
-        stack.stop_all()
-        await run.drop_database(database_url)
 
 
 # --- a recording proxy --------------------------------------------------------------------------

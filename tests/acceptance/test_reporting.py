@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from tests.acceptance.jobs import MODEL, result, submit, unique, user
 from tests.acceptance.interactive_support import providers_stack
+from tests.acceptance.jobs import MODEL, result, submit, unique, user
 from tests.acceptance.stack import Stack
 from tests.conftest import TestRun
 from tests.support import eventually

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 import pytest_asyncio
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
-from fakeprovider.server import create_app
 from worker.providers.anthropic import (
     AnthropicProvider,
     error_from_body,
@@ -25,23 +23,6 @@ Json = dict[str, Any]
 
 API_KEY = "sk-test"
 DEFAULT_VERSION = "2023-06-01"
-
-
-@pytest_asyncio.fixture(scope="module")
-async def base_url() -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(), handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-@pytest_asyncio.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
 
 
 @pytest_asyncio.fixture(autouse=True)

@@ -28,23 +28,6 @@ Json = dict[str, Any]
 
 
 @pytest_asyncio.fixture(scope="module")
-async def base_url() -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(), handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-@pytest_asyncio.fixture(scope="module")
-async def http() -> AsyncIterator[ClientSession]:
-    async with ClientSession() as session:
-        yield session
-
-
-@pytest_asyncio.fixture(scope="module")
 async def client(base_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
     sdk = anthropic.AsyncAnthropic(base_url=base_url, api_key="k", max_retries=0)
     yield sdk
