@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from api.envelope import build_envelope
-from api.keys import BROKER, REPLIES, SETTINGS
+from api.keys import BROKER, PROVIDER_SECONDS, REPLIES, REQUEST_ID_KEY, SETTINGS
 from api.responses import REQUEST_ID, json_bytes
 from shared.errors import FerryError, Overloaded, Unavailable
 from shared.jobs import Reply
@@ -78,7 +78,8 @@ async def _next(inbox: asyncio.Queue[Reply], within_s: float) -> Reply | None:
 
 
 def _final(request: web.Request, reply: Reply) -> web.Response:
-    request["provider_seconds"] = reply.provider_seconds
+    if reply.provider_seconds is not None:
+        request[PROVIDER_SECONDS] = reply.provider_seconds
     if reply.kind == "message":
         return json_bytes(reply.body)
     if reply.kind == "error":
@@ -100,7 +101,7 @@ async def _relay_stream(request: web.Request, inbox: asyncio.Queue[Reply], setti
 
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", REQUEST_ID: request.get("request_id", ""),
+        "X-Accel-Buffering": "no", REQUEST_ID: request.get(REQUEST_ID_KEY, ""),
     })
     await response.prepare(request)
     last_event = time.monotonic()

@@ -17,3 +17,9 @@ REPLIES = web.AppKey("replies", ReplyRouter)
 PROVIDERS = web.AppKey("providers", Providers)
 METRICS = web.AppKey("metrics", Metrics)
 SUBMITS = web.AppKey("submits", SubmitBatcher)
+
+# Per-request facts the handlers leave for the middleware (metrics, the request-id header).
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+MODE = web.RequestKey("mode", str)
+MODEL = web.RequestKey("model", str)
+PROVIDER_SECONDS = web.RequestKey("provider_seconds", float)

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from api.envelope import build_envelope
 from api.interactive import serve_interactive
-from api.keys import SETTINGS, STORE, SUBMITS
+from api.keys import MODE, MODEL, SETTINGS, STORE, SUBMITS
 from api.responses import json_bytes, json_response
 from shared.errors import InvalidRequest, NotFound
 from shared.jobs import caller_hash, format_job_id, parse_job_id
@@ -77,14 +77,14 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     caller = caller_hash(headers.get("x-api-key"), headers.get("authorization"))
     poll_id = headers.get(ASYNC_ID)
     if poll_id is not None:
-        request["mode"] = "poll"
+        request[MODE] = "poll"
         return await poll_job(request, poll_id, caller)
 
-    request["mode"] = "invalid"  # until the request has been read and validated
+    request[MODE] = "invalid"  # until the request has been read and validated
     is_async = parse_async_flag(headers.get(ASYNC))
     body, message_request = await read_request(request)
-    request["model"] = message_request.model
-    request["mode"] = "submit" if is_async else "stream" if message_request.stream else "sync"
+    request[MODEL] = message_request.model
+    request[MODE] = "submit" if is_async else "stream" if message_request.stream else "sync"
     if not is_async:
         return await serve_interactive(request, body, message_request, caller)
     if message_request.stream:

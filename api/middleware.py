@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from api.keys import METRICS
+from api.keys import METRICS, MODE, MODEL, PROVIDER_SECONDS, REQUEST_ID_KEY
 from api.responses import REQUEST_ID, envelope_response, error_response
 from shared.errors import FerryError
 from shared.logging import get_logger
@@ -35,7 +35,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     request_id = "req_" + secrets.token_hex(12)
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    request["request_id"] = request_id
+    request[REQUEST_ID_KEY] = request_id
     try:
         response = await handler(request)
     except FerryError as exc:
@@ -60,14 +60,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def _record(request: web.Request, status: int, started: float) -> None:
-    mode = request.get("mode")
+    mode = request.get(MODE)
     if mode is None:
         return  # not a messages request: health checks and scrapes are not traffic
     metrics = request.app[METRICS]
     elapsed = time.perf_counter() - started
-    metrics.requests.labels(mode, metrics.model_label(request.get("model")), str(status)).inc()
+    metrics.requests.labels(mode, metrics.model_label(request.get(MODEL)), str(status)).inc()
     metrics.request_seconds.labels(mode).observe(elapsed)
-    provider_s = request.get("provider_seconds")
+    provider_s = request.get(PROVIDER_SECONDS)
     if mode == "submit" or mode == "poll":
         metrics.overhead_seconds.labels(mode).observe(elapsed)
     elif provider_s is not None:
