@@ -176,12 +176,11 @@ class FerryStack:
         from shared.broker import Broker
         from shared.settings import Settings
 
-        connection = await aio_pika.connect(self.amqp_url)
+        broker = await Broker.connect(Settings.from_env(self.env()))
         try:
-            broker = Broker(Settings.from_env(self.env()), connection, None)  # type: ignore[arg-type]
             await broker.delete_topology()
         finally:
-            await connection.close()
+            await broker.close()
 
 
 def ferry_headers() -> dict[str, str]:
