@@ -273,6 +273,9 @@ class Store:
     async def try_sweeper_lock(self, conn: asyncpg.Connection, key: int) -> bool:
         return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
 
+    async def release_sweeper_lock(self, conn: asyncpg.Connection, key: int) -> None:
+        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._pool.acquire() as conn:

@@ -25,11 +25,10 @@ from worker.providers.base import (
     CallContext,
     Provider,
     ProviderError,
-    ProviderResponse,
     SSEEvent,
 )
 from worker.retry import Attempts
-from worker.routing import ProviderSet
+from worker.routing import ProviderSet, create_message
 
 log = get_logger("ferry.worker")
 
@@ -94,7 +93,7 @@ class InteractiveRunner:
             else:
                 started = time.perf_counter()
                 try:
-                    response, route = await self._providers.call(envelope, _create,
+                    response, route = await self._providers.call(envelope, create_message,
                                                                  outcome.attempts)
                 finally:
                     outcome.provider_seconds = time.perf_counter() - started
@@ -142,10 +141,6 @@ class InteractiveRunner:
             reply_message(envelope.job_id, reply), routing_key=envelope.reply_to,
             mandatory=False,
         )
-
-
-async def _create(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
-    return await provider.create_message(body, ctx)
 
 
 async def _open_stream(provider: Provider, body: bytes,

@@ -15,13 +15,18 @@ from shared.jobs import JobEnvelope
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
-from worker.providers.base import CallContext, Provider, ProviderError
+from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
 from worker.retry import Attempts, RetryLater, RetryPolicy, call_with_retries
 
 log = get_logger("ferry.routing")
 
 T = TypeVar("T")
 Operation = Callable[[Provider, bytes, CallContext], Awaitable[T]]
+
+
+async def create_message(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
+    """The non-streaming operation, for ProviderSet.call."""
+    return await provider.create_message(body, ctx)
 
 
 class KeyPool:

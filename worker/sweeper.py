@@ -39,7 +39,7 @@ class Sweeper:
                         lambda batch: self._store.prune_history(retention_s, batch))
                     self._metrics.history_pruned.inc(pruned)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", SWEEPER_LOCK_KEY)
+                await self._store.release_sweeper_lock(conn, SWEEPER_LOCK_KEY)
         self.deleted_total += deleted
         if deleted or pruned:
             log.info("sweep done", results_deleted=deleted, history_pruned=pruned,

@@ -28,9 +28,9 @@ from shared.settings import Settings
 from shared.store import Outcome, Store
 from worker.history import HistoryWriter
 from worker.interactive import InteractiveRunner
-from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
+from worker.providers.base import ProviderError, ProviderResponse
 from worker.retry import Attempts, RetryLater
-from worker.routing import ProviderSet
+from worker.routing import ProviderSet, create_message
 
 log = get_logger("ferry.worker")
 
@@ -179,7 +179,7 @@ class Worker:
         attempts = Attempts()
         try:
             response, route = await self._providers.call(
-                envelope, _create, attempts,
+                envelope, create_message, attempts,
                 max_inline_wait=self._settings.inline_retry_max_s,
             )
         except RetryLater as later:
@@ -190,10 +190,6 @@ class Worker:
                      attempts=attempts.count)
             return _failure(exc, attempts.count)
         return _success(response, attempts.count, route)
-
-
-async def _create(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
-    return await provider.create_message(body, ctx)
 
 
 def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome:
