@@ -4,21 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
-from api.keys import BROKER, METRICS, PROVIDERS, REPLIES, SETTINGS, STORE, SUBMITS
-from api.messages import create_message
+from api.admission import Admission
+from api.interactive import serve_interactive
+from api.messages import count_tokens, create_message
 from api.middleware import errors_middleware
+from api.models import ModelCatalog, find, page
 from api.replies import ReplyRouter
 from api.responses import json_response
+from api.server import FerryRunner, no_banner
+from api.state import (
+    ADMISSION,
+    BROKER,
+    CATALOG,
+    CHECKER,
+    METRICS,
+    MODE,
+    PROVIDERS,
+    REPLIES,
+    REQUEST_ID_KEY,
+    SETTINGS,
+    STORE,
+    SUBMITS,
+)
 from api.submit import SubmitBatcher
+from api.validation import BodyChecker
 from shared import runtime
 from shared.broker import Broker
+from shared.errors import FerryError, Unavailable
+from shared.jobs import JobEnvelope, new_job_id
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
+from shared.migrate import required_version
 from shared.providers import load_providers
+from shared.runtime import Lifecycle
 from shared.settings import Settings
 from shared.store import Store
 
@@ -27,17 +51,22 @@ log = get_logger("ferry.api")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[STORE] = await Store.connect(settings.database_url, max_size=settings.db_pool_size)
+    app[STORE] = await Store.connect(settings.database_url, max_size=settings.db_pool_size,
+                                     timeout_s=settings.db_connect_timeout_s)
     yield
     await app[STORE].close()
 
 
+async def _checker_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with app[CHECKER].running():
+        yield
+
+
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[BROKER] = broker = await Broker.connect(app[SETTINGS])
+    app[BROKER] = broker = await Broker.connect(app[SETTINGS], role="api")
     app[SUBMITS] = SubmitBatcher(app[STORE], broker)
     app[REPLIES] = replies = ReplyRouter()
     await replies.start(broker)
-    broker.on_reconnect(replies.fail_all)
     yield
     replies.fail_all()
     await broker.close()
@@ -62,11 +91,6 @@ async def _refresh_stats(app: web.Application) -> None:
                 metrics.jobs_unfinished.labels(status).set(count)
         except Exception as exc:  # stale figures beat a dead loop; say why once per round
             log.warning("could not refresh stats", error=f"{type(exc).__name__}: {exc}")
-        # aio-pika can swallow a cancellation that lands while it closes a channel; honour
-        # it here, or shutdown would wait on this loop forever.
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
         await asyncio.sleep(app[SETTINGS].stats_interval_s)
 
 
@@ -79,12 +103,20 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def root(request: web.Request) -> web.Response:
+    """Some clients probe the base URL before anything else."""
+    return json_response({"status": "ok", "service": "ferry"})
+
+
 async def readyz(request: web.Request) -> web.Response:
     problems = []
     try:
-        await request.app[STORE].ping()
-    except Exception as exc:  # any failure means not ready; say which
-        problems.append(f"database: {type(exc).__name__}")
+        version = await request.app[STORE].schema_version()
+        if version < required_version():
+            problems.append(f"database: schema version {version}, needs {required_version()}"
+                            " (run `ferry migrate`)")
+    except FerryError as exc:
+        problems.append(f"database: {exc.message}")
     if not request.app[BROKER].is_connected:
         problems.append("broker: not connected")
     if problems:
@@ -92,26 +124,81 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+async def _fetch_models(request: web.Request) -> bytes:
+    """Ask a worker for the providers' own model lists (the api holds no provider keys)."""
+    settings = request.app[SETTINGS]
+    envelope = JobEnvelope(
+        job_id=new_job_id(), model="models", body=b"", mode="sync", operation="models",
+        request_id=request.get(REQUEST_ID_KEY), reply_to=request.app[REPLIES].reply_to,
+        pickup_deadline=time.time() + settings.pickup_timeout_s)
+    response = await serve_interactive(request, envelope)
+    if response.status != 200 or not isinstance(response, web.Response) or \
+            response.body is None:
+        raise Unavailable("the model lists could not be fetched")
+    return bytes(response.body)  # type: ignore[arg-type]
+
+
+async def list_models(request: web.Request) -> web.Response:
+    request[MODE] = "models"
+    models = await request.app[CATALOG].models(lambda: _fetch_models(request))
+    query = request.query
+    return json_response(page(models, query.get("after_id"), query.get("before_id"),
+                              query.get("limit")))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    request[MODE] = "models"
+    models = await request.app[CATALOG].models(lambda: _fetch_models(request))
+    return json_response(find(models, request.match_info["model_id"]))
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[errors_middleware])
     app[SETTINGS] = settings
-    app[PROVIDERS] = load_providers(settings)
-    app[METRICS] = Metrics()
+    app[PROVIDERS] = providers = load_providers(settings)
+    app[METRICS] = metrics = Metrics()
+    metrics.known_models = providers.known_models()
+    app[CHECKER] = BodyChecker(settings.parse_offload_bytes)
+    app[ADMISSION] = Admission(settings.admission_wait_s)
+    app[CATALOG] = ModelCatalog(providers, metrics)
+    app.on_response_prepare.append(no_banner)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_checker_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_stats_ctx)
     app.router.add_post("/anthropic/v1/messages", create_message)
+    app.router.add_post("/anthropic/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/anthropic/v1/models", list_models)
+    app.router.add_get("/anthropic/v1/models/{model_id:.+}", get_model)
+    app.router.add_get("/", root)  # GET also answers HEAD
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
 
 
+# aiohttp's defaults, made explicit; decompression is Ferry's own (api/body.py).
+_HANDLER_ARGS: dict[str, Any] = {"auto_decompress": False, "max_line_size": 8190,
+                                 "max_field_size": 8190, "max_headers": 128}
+
+
+async def serve(settings: Settings, life: Lifecycle) -> None:
+    runner = FerryRunner(create_app(settings), access_log=None, handler_cancellation=True,
+                         **_HANDLER_ARGS)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        log.info("api listening", host=settings.host, port=settings.port,
+                 namespace=settings.namespace)
+        life.started = True
+        await life.stop.wait()
+        log.info("api stopping")
+    finally:
+        await runner.cleanup()
+
+
 def run(settings: Settings) -> None:
-    log.info("api starting", host=settings.host, port=settings.port,
-             namespace=settings.namespace)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                loop=runtime.loop_factory()(),
-                access_log=None, print=None, handle_signals=True,
-                handler_cancellation=True)
+    runtime.serve(lambda life: serve(settings, life))
+

@@ -1,28 +1,32 @@
 """Sync and streaming requests: publish to the interactive lane, relay the worker's replies.
 
 The api never calls a provider. It waits (bounded) for a worker to say it started, then relays
-the message, or each stream event as it arrives, to the client.
+the message, or each stream event as it arrives, to the client, with the provider's response
+headers. Every way this can go wrong ends the client's request at once with Anthropic's error
+envelope (or an `error` event once a stream has begun), and tells the worker to stop: a lost
+broker connection, a worker that goes quiet, a deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from aiohttp import web
 
-from api.envelope import build_envelope
-from api.keys import BROKER, PROVIDER_SECONDS, REPLIES, REQUEST_ID_KEY, SETTINGS
-from api.responses import REQUEST_ID, json_bytes
+from api.responses import FERRY_REQUEST_ID, REQUEST_ID, json_bytes
+from api.state import ADMISSION, BROKER, PROVIDER_SECONDS, REPLIES, REQUEST_ID_KEY, SETTINGS
 from shared.errors import FerryError, Overloaded, Unavailable
-from shared.jobs import Reply
+from shared.jobs import JobEnvelope, Reply
 from shared.logging import get_logger
 from shared.settings import Settings
-from shared.wire import ErrorEnvelope, MessagesRequest
+from shared.wire import ErrorEnvelope
 
 log = get_logger("ferry.api")
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+BROKER_LOST = "lost the connection to the message broker; retry"
 
 
 class _Timeout(FerryError):
@@ -30,42 +34,42 @@ class _Timeout(FerryError):
     error_type = "timeout_error"
 
 
-async def serve_interactive(request: web.Request, body: bytes, message_request: MessagesRequest,
-                            caller: bytes) -> web.StreamResponse:
+async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     broker = request.app[BROKER]
     replies = request.app[REPLIES]
-    stream = bool(message_request.stream)
+    admission = request.app[ADMISSION]
+    admission.admit()
+    if not broker.is_connected:
+        raise Unavailable(BROKER_LOST)
     started = time.monotonic()
-    envelope = build_envelope(
-        request, body, message_request, "stream" if stream else "sync",
-        reply_to=replies.reply_to, caller_hash=caller,
-        pickup_deadline=time.time() + settings.pickup_timeout_s,
-    )
     job_id = envelope.job_id
     inbox = replies.open(job_id)
-    finished = False
+    admission.published(job_id)
+    completed = False  # the worker said it is done: nothing to cancel
     try:
         await broker.publish_interactive(envelope)
         first = await _next(inbox, settings.pickup_timeout_s)
+        admission.settled(job_id)
         if first is None:
             raise Overloaded(f"no worker took the request within {settings.pickup_timeout_s:g} s;"
-                             " retry later")
+                             " retry later", headers={"retry-after": "1"})
         if first.kind != "started":
+            completed = True
             return _final(request, first)
         deadline = started + settings.request_timeout_s
-        if stream:
-            response = await _relay_stream(request, inbox, settings, deadline)
-        else:
-            reply = await _next(inbox, deadline - time.monotonic())
-            if reply is None:
-                raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
-            response = _final(request, reply)
-        finished = True
-        return response
+        if envelope.stream:
+            response, completed = await _relay_stream(request, inbox, settings, deadline)
+            return response
+        reply = await _next(inbox, deadline - time.monotonic())
+        if reply is None:
+            raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
+        completed = True
+        return _final(request, reply)
     finally:
+        admission.settled(job_id)
         replies.close(job_id)
-        if not finished:
+        if not completed:
             # Client gone, timed out or failed: the worker must not spend tokens for nobody.
             await asyncio.shield(broker.publish_cancel(job_id))
 
@@ -81,39 +85,52 @@ def _final(request: web.Request, reply: Reply) -> web.Response:
     if reply.provider_seconds is not None:
         request[PROVIDER_SECONDS] = reply.provider_seconds
     if reply.kind == "message":
-        return json_bytes(reply.body)
+        return json_bytes(reply.body, headers=_headers(reply.headers))
     if reply.kind == "error":
         if not reply.body:
-            raise Unavailable("lost the connection to the message broker; retry")
-        return json_bytes(reply.body, status=reply.status or 500)
+            raise Unavailable(BROKER_LOST)
+        return json_bytes(reply.body, status=reply.status or 500,
+                          headers=_headers(reply.headers))
     raise Unavailable(f"unexpected reply {reply.kind!r} from the worker")
 
 
+def _headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return dict(pairs)
+
+
 async def _relay_stream(request: web.Request, inbox: asyncio.Queue[Reply], settings: Settings,
-                        deadline: float) -> web.StreamResponse:
+                        deadline: float) -> tuple[web.StreamResponse, bool]:
     """Hold the status line until the first event, so a provider error before any output is
-    still a proper HTTP error; then write each event as it comes."""
+    still a proper HTTP error; then write each event as it comes. Returns the response and
+    whether the worker finished (False: Ferry ended the stream, so the worker must stop)."""
     reply = await _next(inbox, min(settings.stream_idle_timeout_s, deadline - time.monotonic()))
     if reply is None:
         raise _Timeout("the provider sent nothing in time")
     if reply.kind != "event":
-        return _final(request, reply)
+        return _final(request, reply), True
 
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no", REQUEST_ID: request.get(REQUEST_ID_KEY, ""),
-    })
+    ferry_id = request.get(REQUEST_ID_KEY, "")
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no", REQUEST_ID: ferry_id, FERRY_REQUEST_ID: ferry_id}
+    headers.update(reply.headers)
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     last_event = time.monotonic()
+    completed = False
     while True:
         if reply is not None:
             if reply.kind == "event":
                 await response.write(_sse(reply))
                 last_event = time.monotonic()
+                if reply.event == "error":  # nothing follows an error event
+                    completed = True
+                    break
             elif reply.kind == "end":
+                completed = True
                 break
-            else:  # error after the stream began: an SSE error event, then the end
+            else:  # an error after the stream began: an SSE error event, then the end
                 await response.write(_sse_error(reply))
+                completed = bool(reply.body)  # an empty body: the broker went, not the worker
                 break
         now = time.monotonic()
         if now >= deadline:
@@ -128,7 +145,7 @@ async def _relay_stream(request: web.Request, inbox: asyncio.Queue[Reply], setti
         if reply is None and time.monotonic() - last_event >= settings.ping_interval_s:
             await response.write(PING)  # keep proxies from cutting a long silent stream
     await response.write_eof()
-    return response
+    return response, completed
 
 
 def _sse(reply: Reply) -> bytes:
@@ -138,9 +155,8 @@ def _sse(reply: Reply) -> bytes:
 def _sse_error(reply: Reply) -> bytes:
     if reply.kind == "error" and reply.body:
         return b"event: error\ndata: " + reply.body + b"\n\n"
-    return _sse_error_of("api_error", "lost the connection to the worker")
+    return _sse_error_of("api_error", BROKER_LOST)
 
 
 def _sse_error_of(error_type: str, message: str) -> bytes:
     return b"event: error\ndata: " + ErrorEnvelope.of(error_type, message).to_json() + b"\n\n"
-

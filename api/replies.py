@@ -13,7 +13,8 @@ from shared.logging import get_logger
 
 log = get_logger("ferry.api")
 
-# Put into every open inbox when the reply channel breaks: the waiting request must not hang.
+# Put into every open inbox when the connection to the broker goes: the request waiting on it
+# is answered at once (its reply queue went with the connection), never left to hang.
 BROKEN = Reply(kind="error", status=503, body=b"")
 
 
@@ -23,6 +24,7 @@ class ReplyRouter:
         self.reply_to = ""
 
     async def start(self, broker: Broker) -> None:
+        broker.on_lost(lambda _exc: self.fail_all())
         self.reply_to = await broker.consume_replies(self._on_reply)
 
     def open(self, job_id: uuid.UUID) -> asyncio.Queue[Reply]:
@@ -33,7 +35,14 @@ class ReplyRouter:
     def close(self, job_id: uuid.UUID) -> None:
         self._inboxes.pop(job_id.hex, None)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._inboxes)
+
     def fail_all(self) -> None:
+        if self._inboxes:
+            log.warning("broker connection lost; failing waiting requests",
+                        waiting=len(self._inboxes))
         for inbox in self._inboxes.values():
             inbox.put_nowait(BROKEN)
 

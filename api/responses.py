@@ -11,6 +11,8 @@ from shared.errors import FerryError
 from shared.wire import ErrorEnvelope
 
 REQUEST_ID = "request-id"
+# Ferry's own id for a request; `request-id` carries the provider's when there is one.
+FERRY_REQUEST_ID = "x-ferry-request-id"
 
 
 def json_bytes(body: bytes | str, status: int = 200,

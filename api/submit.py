@@ -1,14 +1,25 @@
-"""Durable submits in batches: concurrent submits share one INSERT, one commit and one wait
-for the broker's confirms, so the cost per job falls as load rises. At low load a batch is a
-single job and nothing waits for company."""
+"""Durable submits: a transactional outbox, in batches.
+
+A submit commits the job row and its message first, then publishes the message with a
+publisher confirm; the client's 200 means both happened. A publish that fails withdraws the
+row (the client gets an error and nothing runs); if the api dies between commit and publish,
+the reconciler finds the unpublished row and publishes it. Worker and api can never race:
+the row exists before any message names it.
+
+Concurrent submits share one INSERT and one commit, so the cost per job falls as load rises;
+at low load a batch is a single job and nothing waits for company. A member the database
+refuses fails alone (the batch is retried row by row), and each message is confirmed or
+refused on its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
-from shared.jobs import JobEnvelope
+from shared.jobs import Status
 from shared.logging import get_logger
 from shared.store import NewJob, Store
 
@@ -17,7 +28,7 @@ log = get_logger("ferry.api")
 MAX_BATCH = 200
 MAX_FLUSHES = 4  # batches in flight at once: overlaps database and broker round trips
 
-_Pending = tuple[NewJob, JobEnvelope, "asyncio.Future[None]"]
+_Pending = tuple[NewJob, "asyncio.Future[None]"]
 
 
 class SubmitBatcher:
@@ -27,14 +38,23 @@ class SubmitBatcher:
         self._queue: list[_Pending] = []
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def submit(self, job: NewJob, envelope: JobEnvelope) -> None:
+    async def submit(self, job: NewJob) -> None:
         """Returns once the job is committed and its message confirmed; raises FerryError
-        (and leaves nothing behind) otherwise."""
+        (and leaves nothing that will run) otherwise."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((job, envelope, done))
+        self._queue.append((job, done))
         self._maybe_flush()
         # A client that goes away must not cancel the batch it shares with others.
         await asyncio.shield(done)
+
+    async def submit_idempotent(self, job: NewJob, key: str,
+                                request_hash: bytes) -> tuple[uuid.UUID, Status]:
+        """`submit` under an Idempotency-Key: the same key and request within 24 hours
+        answer the job the first one created (id and current status)."""
+        job_id, status, created = await self._store.insert_idempotent(job, key, request_hash)
+        if created:
+            await asyncio.shield(self._publish([job]))
+        return job_id, status
 
     def _maybe_flush(self) -> None:
         if self._queue and len(self._flushes) < MAX_FLUSHES:
@@ -48,29 +68,70 @@ class SubmitBatcher:
         self._maybe_flush()
 
     async def _flush(self, batch: list[_Pending]) -> None:
-        outcome: dict[int, BaseException | None] = {}
         try:
-            async with self._store.submitting_many([job for job, _, _ in batch]) as discard:
-                results = await asyncio.gather(
-                    *(self._broker.publish_job(envelope) for _, envelope, _ in batch),
-                    return_exceptions=True,
-                )
-                outcome = {i: r for i, r in enumerate(results) if isinstance(r, BaseException)}
-                if outcome:
-                    await discard([batch[i][0].id for i in outcome])
+            errors = await self._store.insert_jobs([job for job, _ in batch])
         except FerryError as exc:
-            outcome = dict.fromkeys(range(len(batch)), exc)
-        except Exception as exc:  # the commit itself failed: nothing of the batch exists
-            log.exception("submit batch failed")
+            _fail(batch, exc)
+            return
+        except Exception as exc:
+            log.exception("submit batch could not be stored")
             failure = Unavailable("the job could not be stored; retry later")
             failure.__cause__ = exc
-            outcome = dict.fromkeys(range(len(batch)), failure)
-        for i, (_, _, done) in enumerate(batch):
-            if done.done():
-                continue
-            error = outcome.get(i)
+            _fail(batch, failure)
+            return
+        stored = []
+        for (job, done), error in zip(batch, errors, strict=True):
             if error is None:
-                done.set_result(None)
+                stored.append((job, done))
+            elif not done.done():
+                done.set_exception(error)
+        if not stored:
+            return
+        results = await self._publish_each([job for job, _ in stored])
+        for (_, done), result in zip(stored, results, strict=True):
+            if result is None and not done.done():
+                done.set_result(None)  # answered at once; the bookkeeping follows
+        await self._settle([job for job, _ in stored], results)
+        for (_, done), result in zip(stored, results, strict=True):
+            if result is not None and not done.done():
+                done.set_exception(result)  # answered once its row is withdrawn
+
+    async def _publish(self, jobs: list[NewJob]) -> None:
+        results = await self._publish_each(jobs)
+        await self._settle(jobs, results)
+        for result in results:
+            if result is not None:
+                raise result
+
+    async def _publish_each(self, jobs: list[NewJob]) -> list[FerryError | None]:
+        outcomes = await asyncio.gather(
+            *(self._broker.publish_raw_job(job.id, job.message) for job in jobs),
+            return_exceptions=True)
+        results: list[FerryError | None] = []
+        for outcome in outcomes:
+            if outcome is None or isinstance(outcome, FerryError):
+                results.append(outcome)
             else:
-                done.set_exception(error if isinstance(error, FerryError)
-                                   else Unavailable("the job could not be queued; retry later"))
+                log.error("publish failed unexpectedly", error=repr(outcome))
+                results.append(Unavailable("the job could not be queued; retry later"))
+        return results
+
+    async def _settle(self, jobs: list[NewJob], results: list[FerryError | None]) -> None:
+        """After the answers: record what was published, withdraw what was not. If this
+        fails, the reconciler publishes the rows left unmarked (a duplicate at worst)."""
+        published = [job.id for job, r in zip(jobs, results, strict=True) if r is None]
+        refused = [job.id for job, r in zip(jobs, results, strict=True) if r is not None]
+        try:
+            if published:
+                await self._store.mark_published(published)
+            if refused:
+                await self._store.withdraw(refused)
+        except FerryError as exc:
+            log.warning("could not record the outcome of a submit batch; the reconciler will",
+                        error=exc.message, published=len(published), refused=len(refused))
+
+
+def _fail(batch: list[_Pending], error: FerryError) -> None:
+    for _, done in batch:
+        if not done.done():
+            done.set_exception(error)

@@ -1,72 +1,86 @@
 """RabbitMQ: topology, publishing with confirms, consuming. Names are prefixed with the
-namespace so several deployments or test runs can share one broker."""
+namespace so several deployments or test runs can share one broker.
+
+Queues and why each is what it is (on a cluster, quorum queues are replicated by Raft and
+survive the loss of a minority of nodes):
+- `<ns>.jobs` (quorum): async jobs. Durable work; never lost once confirmed.
+- `<ns>.jobs.retry.<N>s` (quorum, message TTL): jobs parked for a delayed retry; on expiry
+  they dead-letter back onto the jobs queue at least once, so a full jobs queue delays them
+  instead of dropping them.
+- `<ns>.jobs.dead` (quorum): what the broker gave up on; the reconciler fails or republishes
+  each job in it, so nothing is left silent.
+- `<ns>.interactive` (classic): sync and stream requests. Their client waits on one api
+  process; if the node holding this queue dies, the api answers 503 at once and the client
+  retries: replicating a request whose waiter is gone would buy nothing.
+- reply queues (classic, exclusive, one per api process) and the cancel fanout's queues: the
+  same reasoning; they are declared again on whichever node the process reconnects to.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 
+from shared.amqp import CONNECT_ERRORS, Link, Lost, split_urls
 from shared.errors import Overloaded, Unavailable
 from shared.jobs import JobEnvelope, Reply
+from shared.logging import get_logger
 from shared.settings import Settings
+
+log = get_logger("ferry.broker")
 
 PUBLISH_TIMEOUT_S = 10.0
 # Delayed retries wait in one queue per delay: every message in a queue has the same TTL, so
 # none waits behind a longer one; on expiry it dead-letters back onto the jobs queue.
 DELAY_TIERS_S = (10, 30, 60, 300, 900)
+# The broker's own give-up count for a job message. Ferry counts attempts in the job row and
+# fails a poison job itself long before this; the broker's limit is only a backstop, set
+# explicitly so RabbitMQ 3.x and 4.x (whose default is 20) behave the same.
+BROKER_DELIVERY_LIMIT = 100
+JOB_CONTENT_TYPE = "application/x-ferry-job"
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
 def delay_tier(delay_s: float) -> int:
     return next((tier for tier in DELAY_TIERS_S if tier >= delay_s), DELAY_TIERS_S[-1])
 
-_BROKER_DOWN = (
-    aiormq.exceptions.AMQPError,
-    aio_pika.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-    RuntimeError,  # aio-pika raises it for a closed connection/channel
-)
+
+class TopologyMismatch(Exception):
+    """A queue exists with other arguments (declared by an older Ferry): retrying won't help."""
+
+
+def durable_job_message(job_id: uuid.UUID, body: bytes) -> aio_pika.Message:
+    """An async job's message: `body` is its encoded envelope (as the outbox stores it)."""
+    return aio_pika.Message(body, message_id=job_id.hex, content_type=JOB_CONTENT_TYPE,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 
 def job_message(envelope: JobEnvelope) -> aio_pika.Message:
-    headers: dict[str, str] = {"model": envelope.model, "provider": envelope.provider,
-                               "mode": envelope.mode}
-    if envelope.anthropic_version:
-        headers["anthropic-version"] = envelope.anthropic_version
-    if envelope.anthropic_beta:
-        headers["anthropic-beta"] = envelope.anthropic_beta
-    if envelope.upstream_model and envelope.upstream_model != envelope.model:
-        headers["upstream-model"] = envelope.upstream_model
-    if envelope.fallbacks:
-        headers["fallbacks"] = " ".join(envelope.fallbacks)
-    if envelope.attempt:
-        headers["attempt"] = str(envelope.attempt)
-    if envelope.caller_hash is not None:
-        headers["caller"] = envelope.caller_hash.hex()
-    if envelope.pickup_deadline is not None:
-        headers["pickup-deadline"] = repr(envelope.pickup_deadline)
     interactive = envelope.reply_to is not None
+    if not interactive:
+        return durable_job_message(envelope.job_id, envelope.encode())
     return aio_pika.Message(
-        envelope.body,
+        envelope.encode(),
         message_id=envelope.job_id.hex,
         correlation_id=envelope.job_id.hex if interactive else None,
         reply_to=envelope.reply_to,
-        content_type="application/json",
+        content_type=JOB_CONTENT_TYPE,
         # Interactive requests are not durable work: nobody waits for them after a restart.
         delivery_mode=(aio_pika.DeliveryMode.NOT_PERSISTENT if interactive
                        else aio_pika.DeliveryMode.PERSISTENT),
-        headers=headers,  # type: ignore[arg-type]
     )
 
 
@@ -74,109 +88,105 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
     """Decode a job message; raises ValueError if it is not one."""
     if not message.message_id:
         raise ValueError("job message without message_id")
-    headers = message.headers or {}
-
-    def text(name: str) -> str | None:
-        value = headers.get(name)
-        if isinstance(value, bytes):
-            return value.decode()
-        return value if isinstance(value, str) else None
-
-    model = text("model")
-    if not model:
-        raise ValueError("job message without model header")
-    caller, deadline = text("caller"), text("pickup-deadline")
-    return JobEnvelope(
-        job_id=uuid.UUID(hex=message.message_id),
-        mode=text("mode") or "async",  # type: ignore[arg-type]
-        model=model,
-        provider=text("provider") or "anthropic",
-        upstream_model=text("upstream-model") or model,
-        fallbacks=tuple((text("fallbacks") or "").split()),
-        attempt=int(text("attempt") or 0),
-        anthropic_version=text("anthropic-version"),
-        anthropic_beta=text("anthropic-beta"),
-        body=message.body,
-        reply_to=message.reply_to,
-        caller_hash=bytes.fromhex(caller) if caller else None,
-        pickup_deadline=float(deadline) if deadline else None,
-    )
+    try:
+        job_id = uuid.UUID(hex=message.message_id)
+    except ValueError:
+        raise ValueError(f"job message_id {message.message_id!r} is not a job id") from None
+    return JobEnvelope.decode(job_id, message.body, message.reply_to)
 
 
 def reply_message(job_id: uuid.UUID, reply: Reply) -> aio_pika.Message:
-    headers: dict[str, str | int] = {}
-    if reply.event is not None:
-        headers["event"] = reply.event
-    if reply.status is not None:
-        headers["status"] = reply.status
-    if reply.provider_seconds is not None:
-        headers["provider-seconds"] = repr(reply.provider_seconds)
-    return aio_pika.Message(
-        reply.body, correlation_id=job_id.hex, type=reply.kind, headers=headers,  # type: ignore[arg-type]
-        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-    )
+    return aio_pika.Message(reply.encode(), correlation_id=job_id.hex,
+                            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
 
 
 def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
     """(correlation id, reply); raises ValueError for a message that is not a reply."""
-    headers = message.headers or {}
-    event = headers.get("event")
-    status = headers.get("status")
-    provider_s = headers.get("provider-seconds")
-    if isinstance(provider_s, bytes):
-        provider_s = provider_s.decode()
-    reply = Reply(
-        kind=message.type,  # type: ignore[arg-type]
-        body=message.body,
-        event=event.decode() if isinstance(event, bytes) else event,  # type: ignore[arg-type]
-        status=status if isinstance(status, int) else None,
-        provider_seconds=float(provider_s) if isinstance(provider_s, str) else None,
-    )
     if not message.correlation_id:
         raise ValueError("reply without correlation_id")
-    return message.correlation_id, reply
+    return message.correlation_id, Reply.decode(message.body)
+
+
+@dataclass
+class _Consumer:
+    """A consumer to (re)start on every connection."""
+
+    kind: str  # jobs | interactive | cancels | replies | dead
+    handler: Handler
+    prefetch: int = 0
+    queue: AbstractQueue | None = None
+    tag: str | None = None
+    channel: AbstractChannel | None = None
 
 
 class Broker:
-    """One robust connection, a confirming publisher channel, and consumer channels."""
+    """Channels on the current connection of a `Link`, rebuilt on every reconnect."""
 
-    def __init__(self, settings: Settings, connection: AbstractRobustConnection,
-                 publisher: AbstractChannel, fast: AbstractChannel) -> None:
+    def __init__(self, settings: Settings, link: Link) -> None:
         self._settings = settings
-        self._connection = connection
-        self._publisher = publisher
-        self._fast = fast
-        self._consumer_channels: list[AbstractChannel] = []
+        self._link = link
+        self._publisher: AbstractChannel | None = None
+        self._fast: AbstractChannel | None = None
+        self._consumers: list[_Consumer] = []
+        self._paused = False
+        self.reply_queue = f"{settings.namespace}.replies.{uuid.uuid4().hex[:12]}"
+        link.on_up(self._setup)
 
     @classmethod
-    async def connect(cls, settings: Settings) -> Broker:
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url, client_properties={"connection_name": f"ferry:{settings.namespace}"}
-        )
-        publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        # Interactive requests are not durable work: no confirm round trip on their path.
-        fast = await connection.channel(publisher_confirms=False)
-        broker = cls(settings, connection, publisher, fast)
-        await broker.declare_topology(publisher)
+    async def connect(cls, settings: Settings, *, role: str = "ferry") -> Broker:
+        """Connect (to the first node of AMQP_URL that answers) and declare the topology.
+        Raises Unavailable if no node answers, TopologyMismatch if a queue disagrees."""
+        link = Link(split_urls(settings.amqp_url), name=f"ferry-{role}:{settings.namespace}",
+                    connect_timeout_s=settings.broker_connect_timeout_s,
+                    heartbeat_s=settings.broker_heartbeat_s)
+        broker = cls(settings, link)
+        try:
+            await link.start()
+        except TopologyMismatch:
+            raise
+        except (ConnectionError, *CONNECT_ERRORS) as exc:
+            raise Unavailable(f"cannot reach the message broker ({exc})") from exc
         return broker
 
     async def close(self) -> None:
-        await self._connection.close()
+        await self._link.close()
 
-    def on_reconnect(self, callback: Callable[[], None]) -> None:
-        """Exclusive reply queues lose their messages with the connection: let waiters know."""
-        self._connection.reconnect_callbacks.add(lambda *_: callback())
+    def on_lost(self, callback: Lost) -> None:
+        """Called at once when the connection goes (before it is re-established)."""
+        self._link.on_down(callback)
+
+    def on_restored(self, callback: Callable[[], None]) -> None:
+        async def setup(_connection: AbstractConnection) -> None:
+            callback()
+        self._link.on_up(setup)
 
     @property
     def is_connected(self) -> bool:
-        return not (self._connection.is_closed or self._publisher.is_closed
-                    or self._fast.is_closed)
+        return self._link.is_up
 
-    async def declare_topology(self, channel: AbstractChannel) -> AbstractQueue:
-        """Both lanes. Returns the jobs queue: durable quorum queue whose poison messages
-        dead-letter after delivery_limit deliveries."""
+    @property
+    def link(self) -> Link:
+        return self._link
+
+    # --- topology ------------------------------------------------------------------------
+
+    async def _setup(self, connection: AbstractConnection) -> None:
+        try:
+            self._publisher = await connection.channel(publisher_confirms=True,
+                                                       on_return_raises=True)
+            self._fast = await connection.channel(publisher_confirms=False)
+            await self.declare_topology(self._publisher)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise TopologyMismatch(
+                f"a queue of namespace {self._settings.namespace!r} exists with other "
+                f"arguments ({exc}); it was declared by an older Ferry: drain and delete "
+                "it, or use another FERRY_NAMESPACE") from exc
+        for consumer in self._consumers:
+            await self._start_consumer(connection, consumer)
+
+    async def declare_topology(self, channel: AbstractChannel) -> None:
         await self.declare_interactive(channel)
-        return await self.declare_jobs(channel)
+        await self.declare_jobs(channel)
 
     async def declare_interactive(self, channel: AbstractChannel) -> AbstractQueue:
         """Interactive requests: their own queue (so a job backlog never delays them); the
@@ -191,20 +201,10 @@ class Broker:
         )
 
     def delay_queue(self, tier: int) -> str:
-        return f"{self._settings.jobs_queue}.delay.{tier}s"
-
-    async def declare_delays(self, channel: AbstractChannel) -> None:
-        for tier in DELAY_TIERS_S:
-            await channel.declare_queue(
-                self.delay_queue(tier), durable=True,
-                arguments={"x-queue-type": "classic", "x-message-ttl": tier * 1000,
-                           "x-dead-letter-exchange": "",
-                           "x-dead-letter-routing-key": self._settings.jobs_queue},
-            )
+        return f"{self._settings.jobs_queue}.retry.{tier}s"  # as in topology_names
 
     async def declare_jobs(self, channel: AbstractChannel) -> AbstractQueue:
         s = self._settings
-        await self.declare_delays(channel)
         dlx = await channel.declare_exchange(
             s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
@@ -212,24 +212,52 @@ class Broker:
             s.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
         await dead.bind(dlx)
-        return await channel.declare_queue(
+        jobs = await channel.declare_queue(
             s.jobs_queue,
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
-                "x-delivery-limit": s.delivery_limit,
+                "x-delivery-limit": BROKER_DELIVERY_LIMIT,
                 "x-dead-letter-exchange": s.dead_letter_exchange,
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
                 "x-max-length": s.queue_max_length,
             },
         )
+        for tier in DELAY_TIERS_S:
+            await channel.declare_queue(
+                self.delay_queue(tier), durable=True,
+                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
+                           "x-dead-letter-exchange": "",
+                           "x-dead-letter-routing-key": s.jobs_queue,
+                           # At least once: an expired message stays here until the jobs
+                           # queue takes it (it may be full), instead of being dropped.
+                           "x-dead-letter-strategy": "at-least-once",
+                           "x-overflow": "reject-publish"},
+            )
+        return jobs
 
-    async def publish_job(self, envelope: JobEnvelope) -> None:
+    # --- publishing ------------------------------------------------------------------------
+
+    def _channel(self, fast: bool = False) -> AbstractChannel:
+        channel = self._fast if fast else self._publisher
+        if channel is None or channel.is_closed or not self._link.is_up:
+            raise Unavailable("the message broker is unavailable; retry later")
+        return channel
+
+    async def publish_job(self, envelope: JobEnvelope, *, routing_key: str | None = None) -> None:
         """Returns once the broker has confirmed the message is stored."""
+        await self._publish_confirmed(job_message(envelope), routing_key)
+
+    async def publish_raw_job(self, job_id: uuid.UUID, body: bytes) -> None:
+        """Publish a job message kept by the outbox (its encoded envelope)."""
+        await self._publish_confirmed(durable_job_message(job_id, body), None)
+
+    async def _publish_confirmed(self, message: aio_pika.Message,
+                                 routing_key: str | None) -> None:
         try:
-            await self._publisher.default_exchange.publish(
-                job_message(envelope), routing_key=self._settings.jobs_queue,
+            await self._channel().default_exchange.publish(
+                message, routing_key=routing_key or self._settings.jobs_queue,
                 mandatory=True, timeout=PUBLISH_TIMEOUT_S,
             )
         except aio_pika.exceptions.DeliveryError as exc:
@@ -237,15 +265,12 @@ class Broker:
             raise Overloaded("the job queue is full; retry later") from exc
         except aio_pika.exceptions.PublishError as exc:
             raise Unavailable("the job queue does not exist; is the broker set up?") from exc
-        except _BROKER_DOWN as exc:
+        except CONNECT_ERRORS as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 
     async def publish_delayed(self, envelope: JobEnvelope, delay_s: float) -> None:
         """Park a job for a later attempt; returns once the broker confirmed it."""
-        await self._publisher.default_exchange.publish(
-            job_message(envelope), routing_key=self.delay_queue(delay_tier(delay_s)),
-            mandatory=True, timeout=PUBLISH_TIMEOUT_S,
-        )
+        await self.publish_job(envelope, routing_key=self.delay_queue(delay_tier(delay_s)))
 
     async def publish_interactive(self, envelope: JobEnvelope) -> None:
         """Queue a sync/stream request; the broker drops it if no worker takes it in time.
@@ -254,78 +279,101 @@ class Broker:
         message = job_message(envelope)
         message.expiration = self._settings.pickup_timeout_s
         try:
-            await self._fast.default_exchange.publish(
+            await self._channel(fast=True).default_exchange.publish(
                 message, routing_key=self._settings.interactive_queue,
                 mandatory=False, timeout=PUBLISH_TIMEOUT_S,
             )
-        except _BROKER_DOWN as exc:
+        except CONNECT_ERRORS as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 
     async def publish_cancel(self, job_id: uuid.UUID) -> None:
-        """Tell every worker to stop working on this interactive request (best effort)."""
-        try:
-            exchange = await self._publisher.get_exchange(self._settings.cancel_exchange,
-                                                          ensure=False)
+        """Tell every worker to stop (or never start) this interactive request; best effort."""
+        with contextlib.suppress(Unavailable, *CONNECT_ERRORS):
+            channel = self._channel(fast=True)
+            exchange = await channel.get_exchange(self._settings.cancel_exchange, ensure=False)
             await exchange.publish(aio_pika.Message(b"", correlation_id=job_id.hex),
                                    routing_key="", mandatory=False, timeout=PUBLISH_TIMEOUT_S)
-        except (*_BROKER_DOWN, aio_pika.exceptions.DeliveryError):
-            pass  # the worker's own deadline still bounds the call
 
-    async def reply_channel(self) -> AbstractChannel:
-        """A channel for replies: no confirms (they are not durable), nothing to wait on."""
-        channel = await self._connection.channel(publisher_confirms=False)
-        self._consumer_channels.append(channel)
-        return channel
+    async def publish_reply(self, channel: AbstractChannel, reply_to: str, job_id: uuid.UUID,
+                            reply: Reply) -> None:
+        await channel.default_exchange.publish(reply_message(job_id, reply),
+                                               routing_key=reply_to, mandatory=False)
 
-    async def consume_replies(
-        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
-    ) -> str:
-        """A reply queue for this api process; returns its name (the `reply_to` address)."""
-        channel = await self._connection.channel()
-        self._consumer_channels.append(channel)
-        name = f"{self._settings.namespace}.replies.{uuid.uuid4().hex[:12]}"
-        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
-        await queue.consume(handler, no_ack=True)
-        return name
+    # --- consuming -------------------------------------------------------------------------
 
-    async def consume_interactive(
-        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]], prefetch: int
-    ) -> tuple[AbstractQueue, str]:
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
-        queue = await self.declare_interactive(channel)
-        tag = await queue.consume(handler, no_ack=False)
-        return queue, tag
+    async def _start_consumer(self, connection: AbstractConnection, consumer: _Consumer) -> None:
+        s = self._settings
+        channel = await connection.channel(publisher_confirms=False)
+        consumer.channel = channel
+        if consumer.prefetch:
+            await channel.set_qos(prefetch_count=consumer.prefetch)
+        no_ack = False
+        if consumer.kind == "jobs":
+            queue = await self.declare_jobs(channel)
+        elif consumer.kind == "interactive":
+            queue = await self.declare_interactive(channel)
+        elif consumer.kind == "dead":
+            queue = await channel.declare_queue(s.dead_letter_queue, passive=True)
+        elif consumer.kind == "replies":
+            queue = await channel.declare_queue(self.reply_queue, exclusive=True,
+                                                auto_delete=True)
+            no_ack = True
+        else:  # cancels: every worker gets every cancel
+            exchange = await channel.declare_exchange(
+                s.cancel_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+            queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await queue.bind(exchange)
+            no_ack = True
+        consumer.queue = queue
+        if not self._paused:
+            consumer.tag = await queue.consume(consumer.handler, no_ack=no_ack)
 
-    async def consume_cancels(
-        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]]
-    ) -> None:
-        channel = await self._connection.channel()
-        self._consumer_channels.append(channel)
-        exchange = await channel.declare_exchange(
-            self._settings.cancel_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
-        await queue.bind(exchange)
-        await queue.consume(handler, no_ack=True)
+    async def _add_consumer(self, consumer: _Consumer) -> _Consumer:
+        self._consumers.append(consumer)
+        connection = self._link.connection
+        if connection is not None:
+            await self._start_consumer(connection, consumer)
+        return consumer
 
-    async def consume_jobs(
-        self, handler: Callable[[AbstractIncomingMessage], Awaitable[None]], prefetch: int
-    ) -> tuple[AbstractQueue, str]:
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=prefetch)
-        self._consumer_channels.append(channel)
-        queue = await self.declare_jobs(channel)
-        tag = await queue.consume(handler, no_ack=False)
-        return queue, tag
+    async def consume_replies(self, handler: Handler) -> str:
+        """This api process's reply queue; returns its name (the `reply_to` address). The
+        name stays the same across reconnects."""
+        await self._add_consumer(_Consumer("replies", handler))
+        return self.reply_queue
 
-    async def jobs_queue_depth(self) -> int:
-        return (await self.queue_depths())["async"]
+    async def consume_interactive(self, handler: Handler, prefetch: int) -> None:
+        await self._add_consumer(_Consumer("interactive", handler, prefetch))
+
+    async def consume_cancels(self, handler: Handler) -> None:
+        await self._add_consumer(_Consumer("cancels", handler))
+
+    async def consume_jobs(self, handler: Handler, prefetch: int) -> None:
+        await self._add_consumer(_Consumer("jobs", handler, prefetch))
+
+    async def consume_dead_letters(self, handler: Handler, prefetch: int = 16) -> None:
+        await self._add_consumer(_Consumer("dead", handler, prefetch))
+
+    async def stop_consuming(self, kinds: tuple[str, ...] = ("jobs", "interactive")) -> None:
+        """Stop taking new messages of these kinds (shutdown); unacked ones stay ours."""
+        self._paused = True
+        for consumer in self._consumers:
+            if consumer.kind in kinds and consumer.queue is not None and consumer.tag:
+                with contextlib.suppress(*CONNECT_ERRORS):
+                    await consumer.queue.cancel(consumer.tag)
+                consumer.tag = None
+
+    def reply_channel(self) -> AbstractChannel:
+        """The channel to publish replies on (no confirms: they are not durable)."""
+        return self._channel(fast=True)
+
+    # --- inspection ------------------------------------------------------------------------
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too)."""
-        channel = await self._connection.channel()
+        connection = self._link.connection
+        if connection is None:
+            raise Unavailable("the message broker is unavailable")
+        channel = await connection.channel(publisher_confirms=False)
         try:
             depths = {}
             for lane, name in (("async", self._settings.jobs_queue),
@@ -334,17 +382,48 @@ class Broker:
                 depths[lane] = queue.declaration_result.message_count or 0
             return depths
         finally:
-            await channel.close()
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await channel.close()
+
+    async def jobs_queue_depth(self) -> int:
+        return (await self.queue_depths())["async"]
 
     async def delete_topology(self) -> None:
         """Remove every queue and exchange of this namespace (tests clean up with it)."""
-        s = self._settings
-        channel = await self._connection.channel()
+        connection = self._link.connection
+        if connection is None:
+            raise Unavailable("the message broker is unavailable")
+        channel = await connection.channel()
         try:
-            for queue in (s.jobs_queue, s.dead_letter_queue, s.interactive_queue,
-                          *(self.delay_queue(tier) for tier in DELAY_TIERS_S)):
-                await channel.queue_delete(queue)
-            for exchange in (s.dead_letter_exchange, s.cancel_exchange):
-                await channel.exchange_delete(exchange)
+            await delete_topology(channel, self._settings)
         finally:
-            await channel.close()
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await channel.close()
+
+
+def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
+    """(queues, exchanges) of a namespace."""
+    queues = [settings.jobs_queue, settings.dead_letter_queue, settings.interactive_queue,
+              *(f"{settings.jobs_queue}.retry.{tier}s" for tier in DELAY_TIERS_S)]
+    return queues, [settings.dead_letter_exchange, settings.cancel_exchange]
+
+
+async def delete_topology(channel: AbstractChannel, settings: Settings) -> None:
+    queues, exchanges = topology_names(settings)
+    for queue in queues:
+        await channel.queue_delete(queue)
+    for exchange in exchanges:
+        await channel.exchange_delete(exchange)
+
+
+async def settle(action: Awaitable[object]) -> bool:
+    """Ack/nack on a channel that may already be closed (the broker then redelivers the
+    message anyway). Returns whether it went through."""
+    try:
+        await action
+    except (*CONNECT_ERRORS, asyncio.CancelledError) as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        log.debug("could not settle a message; the broker will redeliver it", error=str(exc))
+        return False
+    return True

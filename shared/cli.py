@@ -8,7 +8,13 @@ import os
 import shlex
 import sys
 
+from pydantic import ValidationError
+
+from shared.broker import TopologyMismatch
+from shared.errors import FerryError
 from shared.logging import configure_logging
+from shared.migrate import SchemaOutOfDate
+from shared.providers import ProviderConfigError
 from shared.settings import Settings
 
 FAKE_PROVIDER_PORT = 8090
@@ -68,8 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         run(args.host, args.port)
         return 0
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        return _fail(args.command, _settings_problem(exc))
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        return _run(args, settings)
+    except StartupError as exc:
+        return _fail(args.command, str(exc))
+    except FerryError as exc:
+        return _fail(args.command, exc.message)
+    except OSError as exc:  # e.g. the port is taken
+        return _fail(args.command, f"{exc.strerror or exc} (check FERRY_HOST / FERRY_PORT)")
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
         _migrate(settings)
     elif args.command == "api":
@@ -87,6 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "dev":
         return _dev(settings, args.workers)
     return 0
+
+
+# Start-up failures an operator fixes by configuration: one line, no traceback.
+StartupError = (SchemaOutOfDate, TopologyMismatch, ProviderConfigError)
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"ferry {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _settings_problem(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in error["loc"]) or "settings"
+    return f"invalid setting {where.upper()}: {error['msg']}"
 
 
 if __name__ == "__main__":

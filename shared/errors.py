@@ -29,6 +29,21 @@ class NotFound(FerryError):
     error_type = "not_found_error"
 
 
+class Conflict(FerryError):
+    status = 409
+    error_type = "conflict_error"
+
+
+class RequestTimeout(FerryError):
+    status = 408
+    error_type = "timeout_error"
+
+
+class AuthenticationFailed(FerryError):
+    status = 401
+    error_type = "authentication_error"
+
+
 class RequestTooLarge(FerryError):
     status = 413
     error_type = "request_too_large"

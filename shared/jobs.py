@@ -1,17 +1,30 @@
-"""Job identity and the job message that travels from the api to the workers."""
+"""Job identity, and the messages that travel between the api and the workers.
+
+A message body is a small JSON header (Ferry's routing facts: model, route, forwarded headers)
+followed by the client's request body exactly as it was sent. Nothing a client controls goes
+into AMQP headers: a header frame has a size limit, and an oversized one closes the whole
+connection (every other request on it with it).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import struct
 import uuid
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+import orjson
 
 JOB_ID_PREFIX = "job_"
 
 Mode = Literal["async", "sync", "stream"]
 Status = Literal["pending", "processing", "completed", "failed"]
+# What a worker is asked to do with the body: a Messages call, a count_tokens call, or (with no
+# body) list the provider's models.
+Operation = Literal["messages", "count_tokens", "models"]
+
+_LENGTH = struct.Struct(">I")
 
 
 def new_job_id() -> uuid.UUID:
@@ -33,31 +46,62 @@ def parse_job_id(text: str) -> uuid.UUID | None:
         return None
 
 
-def caller_hash(api_key: str | None, authorization: str | None) -> bytes:
-    """A job is bound to the credential that submitted it; only its hash is ever stored."""
+def credential_of(api_key: str | None, authorization: str | None) -> str:
+    """The credential a request presents: `x-api-key`, else the `Authorization` token."""
     credential = api_key or ""
     if not credential and authorization:
         scheme, _, token = authorization.partition(" ")
         credential = token.strip() if scheme.lower() == "bearer" else authorization.strip()
-    return hashlib.sha256(credential.encode()).digest()
+    return credential
 
 
-class JobEnvelope(BaseModel):
-    """What a worker needs to run a job. The request body travels as the raw bytes the client
-    sent (already validated by the api), so unknown fields are forwarded untouched."""
+def caller_hash(api_key: str | None, authorization: str | None) -> bytes:
+    """A job is bound to the credential that submitted it; only its hash is ever stored.
+    Header values arrive decoded with surrogateescape: encoding back the same way hashes the
+    bytes the client sent, whatever they are."""
+    credential = credential_of(api_key, authorization)
+    return hashlib.sha256(credential.encode("utf-8", "surrogateescape")).digest()
 
-    model_config = ConfigDict(frozen=True)
+
+def _frame(meta: dict[str, Any], body: bytes) -> bytes:
+    head = orjson.dumps(meta)
+    return _LENGTH.pack(len(head)) + head + body
+
+
+def _unframe(data: bytes) -> tuple[dict[str, Any], bytes]:
+    if len(data) < _LENGTH.size:
+        raise ValueError("message too short for its header")
+    (size,) = _LENGTH.unpack_from(data)
+    end = _LENGTH.size + size
+    if end > len(data):
+        raise ValueError("message header runs past the end of the message")
+    try:
+        meta = orjson.loads(data[_LENGTH.size:end])
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"message header is not JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("message header is not an object")
+    return meta, data[end:]
+
+
+@dataclass(frozen=True, slots=True)
+class JobEnvelope:
+    """What a worker needs to run a request. `body` is the client's request exactly as sent
+    (the api checked only what it needs), so every field reaches the provider untouched."""
 
     job_id: uuid.UUID
-    mode: Mode = "async"
     model: str
-    provider: str = "anthropic"
-    upstream_model: str | None = None  # the model without its provider prefix
-    fallbacks: tuple[str, ...] = ()  # validated `provider/model` routes
-    attempt: int = 0  # provider calls already made (a delayed retry carries it on)
-    anthropic_version: str | None = None
-    anthropic_beta: str | None = None
     body: bytes
+    mode: Mode = "async"
+    operation: Operation = "messages"
+    provider: str = "anthropic"
+    upstream_model: str | None = None  # the model as the provider knows it
+    fallbacks: tuple[str, ...] = ()  # `provider/model` routes tried after the primary
+    # Request headers the provider must see (anthropic-version, merged anthropic-beta, other
+    # anthropic-*), and the client's query string (e.g. `beta=true`).
+    forward_headers: tuple[tuple[str, str], ...] = ()
+    query: str = ""
+    request_id: str | None = None  # the api's id for this request, joined in the logs
     # Interactive (sync/stream) requests only: where replies go, whose request it is (for the
     # history row) and the wall-clock time after which nobody waits for it any more.
     reply_to: str | None = None
@@ -68,14 +112,108 @@ class JobEnvelope(BaseModel):
     def stream(self) -> bool:
         return self.mode == "stream"
 
+    def encode(self) -> bytes:
+        meta: dict[str, Any] = {"model": self.model, "mode": self.mode}
+        if self.operation != "messages":
+            meta["op"] = self.operation
+        if self.provider != "anthropic":
+            meta["provider"] = self.provider
+        if self.upstream_model is not None:
+            meta["upstream"] = self.upstream_model
+        if self.fallbacks:
+            meta["fallbacks"] = list(self.fallbacks)
+        if self.forward_headers:
+            meta["headers"] = [list(h) for h in self.forward_headers]
+        if self.query:
+            meta["query"] = self.query
+        if self.request_id:
+            meta["rid"] = self.request_id
+        if self.caller_hash is not None:
+            meta["caller"] = self.caller_hash.hex()
+        if self.pickup_deadline is not None:
+            meta["deadline"] = self.pickup_deadline
+        return _frame(meta, self.body)
 
-class Reply(BaseModel):
+    @classmethod
+    def decode(cls, job_id: uuid.UUID, data: bytes, reply_to: str | None) -> JobEnvelope:
+        """Raises ValueError for a message that is not a job of ours."""
+        meta, body = _unframe(data)
+        try:
+            model = meta["model"]
+            if not isinstance(model, str) or not model:
+                raise ValueError("job message without a model")
+            caller = meta.get("caller")
+            return cls(
+                job_id=job_id, model=model, body=body,
+                mode=_choice(meta.get("mode", "async"), ("async", "sync", "stream")),
+                operation=_choice(meta.get("op", "messages"),
+                                  ("messages", "count_tokens", "models")),
+                provider=str(meta.get("provider", "anthropic")),
+                upstream_model=meta.get("upstream"),
+                fallbacks=tuple(str(f) for f in meta.get("fallbacks", ())),
+                forward_headers=tuple((str(n), str(v)) for n, v in meta.get("headers", ())),
+                query=str(meta.get("query", "")),
+                request_id=meta.get("rid"),
+                reply_to=reply_to,
+                caller_hash=bytes.fromhex(caller) if isinstance(caller, str) else None,
+                pickup_deadline=(float(meta["deadline"]) if meta.get("deadline") is not None
+                                 else None),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed job message: {exc}") from None
+
+    def with_changes(self, **changes: Any) -> JobEnvelope:
+        return replace(self, **changes)
+
+
+def _choice(value: Any, allowed: tuple[str, ...]) -> Any:
+    if value not in allowed:
+        raise ValueError(f"unexpected value {value!r}")
+    return value
+
+
+ReplyKind = Literal["started", "event", "message", "error", "end"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
     """A message from a worker back to the api process serving an interactive request."""
 
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["started", "event", "message", "error", "end"]
+    kind: ReplyKind
     body: bytes = b""
     event: str | None = None  # SSE event name, for kind == "event"
     status: int | None = None  # HTTP status, for kind == "error"
     provider_seconds: float | None = None  # time spent in provider calls (final replies)
+    # Response headers for the client: the provider's request-id, rate-limit headers,
+    # retry-after, x-should-retry. Sent with the first reply that carries an answer.
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    def encode(self) -> bytes:
+        meta: dict[str, Any] = {"kind": self.kind}
+        if self.event is not None:
+            meta["event"] = self.event
+        if self.status is not None:
+            meta["status"] = self.status
+        if self.provider_seconds is not None:
+            meta["ps"] = self.provider_seconds
+        if self.headers:
+            meta["headers"] = [list(h) for h in self.headers]
+        return _frame(meta, self.body)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        """Raises ValueError for a message that is not a reply of ours."""
+        meta, body = _unframe(data)
+        try:
+            status = meta.get("status")
+            seconds = meta.get("ps")
+            return cls(
+                kind=_choice(meta.get("kind"), ("started", "event", "message", "error", "end")),
+                body=body,
+                event=str(meta["event"]) if meta.get("event") is not None else None,
+                status=int(status) if status is not None else None,
+                provider_seconds=float(seconds) if seconds is not None else None,
+                headers=tuple((str(n), str(v)) for n, v in meta.get("headers", ())),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed reply: {exc}") from None

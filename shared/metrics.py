@@ -13,7 +13,6 @@ _COARSE = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
            300.0, 600.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-MAX_MODEL_LABELS = 200
 
 
 class Metrics:
@@ -49,21 +48,21 @@ class Metrics:
                                           ["provider"], buckets=_COARSE, registry=r)
         self.in_flight = Gauge("ferry_worker_in_flight", "Requests a worker is processing",
                                ["lane"], registry=r)
-        # sweeper
+        # sweeper and reconciler
         self.swept = Counter("ferry_sweeper_deleted", "Expired results deleted", registry=r)
+        self.reconciled = Counter("ferry_reconciled", "Jobs the reconciler repaired, by what it "
+                                  "found", ["what"], registry=r)
         self.history_pruned = Counter("ferry_history_pruned",
                                       "History rows deleted past the retention", registry=r)
 
-        self._models: set[str] = set()
+        # Model labels come from configuration (aliases, providers' model lists), never from
+        # what a client wrote: anything else is `other`, so no client can grow the series.
+        self.known_models: set[str] = set()
 
     def model_label(self, model: str | None) -> str:
-        """Clients choose model names: cap the label's cardinality."""
         if not model:
             return "none"
-        if model in self._models or len(self._models) < MAX_MODEL_LABELS:
-            self._models.add(model)
-            return model
-        return "other"
+        return model if model in self.known_models else "other"
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from shared.logging import get_logger
+from shared.store import Store
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _LOCK_KEY = 0x6665727279  # "ferry"
@@ -83,3 +84,20 @@ async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
         await conn.close()
     return applied
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database lacks migrations this code needs."""
+
+
+def required_version(directory: Path = MIGRATIONS_DIR) -> int:
+    return max(version for version, _ in migration_files(directory))
+
+
+async def require_schema(store: Store) -> None:
+    """Refuse to run on a database that `ferry migrate` has not brought up to date."""
+    have, need = await store.schema_version(), required_version()
+    if have < need:
+        raise SchemaOutOfDate(
+            f"the database schema is at version {have}, this Ferry needs {need}: "
+            "run `ferry migrate`")

@@ -1,16 +1,21 @@
 """Which providers exist and how a request's `model` picks one.
 
-`model` of the form `provider/model` picks a configured provider and the prefix is stripped
-before the upstream call; a bare model name goes to `anthropic`. Providers come from the
-environment (ANTHROPIC_*, OPENAI_*) and, for several providers or keys, from a TOML file named
-by FERRY_PROVIDERS_FILE. The api uses this for routing and validation only; keys are read by
+`model` names a configured alias (`[models.NAME]` in the providers file: a route and its
+fallback chain), or has the form `provider/model` (the prefix is stripped before the upstream
+call), or is a bare model name for `anthropic`. Providers come from the environment
+(ANTHROPIC_*, OPENAI_*) and, for several providers or keys, from a TOML file named by
+FERRY_PROVIDERS_FILE. The api uses this for routing and validation only; keys are read by
 workers (a key written `env:NAME` is taken from that variable when the worker starts).
+
+A request may name its own fallback chain in the `x-ferry-fallbacks` header (comma-separated
+routes), which replaces the alias's. The body's `fallbacks` field is Anthropic's own (a beta)
+and is forwarded like any other field.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +25,7 @@ from shared.errors import InvalidRequest
 from shared.settings import Settings
 
 DEFAULT_PROVIDER = "anthropic"
+MAX_FALLBACKS = 5
 
 
 class KeyConfig(BaseModel):
@@ -41,6 +47,20 @@ class ProviderConfig(BaseModel):
     retry_base_s: float | None = Field(None, ge=0)
     retry_max_s: float | None = Field(None, ge=0)
     key_cooldown_s: float | None = Field(None, ge=0)
+    # Models this provider serves, listed by GET /v1/models (an Anthropic-type provider's own
+    # list is fetched as well) and used as metric labels.
+    models: tuple[str, ...] = ()
+
+
+class ModelAlias(BaseModel):
+    """`[models.NAME]`: a name clients use, the route it stands for, and its fallbacks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    route: str = Field(min_length=1)
+    fallbacks: tuple[str, ...] = Field((), max_length=MAX_FALLBACKS)
+    display_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +76,45 @@ class ProviderConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where a request goes: its primary route and the routes tried after it."""
+
+    primary: Route
+    fallbacks: tuple[Route, ...] = ()
+
+
 @dataclass(frozen=True)
 class Providers:
     configs: dict[str, ProviderConfig]
+    aliases: dict[str, ModelAlias] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return sorted(self.configs)
+
+    def resolve(self, model: str, fallbacks_header: str | None = None) -> Resolution:
+        """The routes for a request's `model` and its `x-ferry-fallbacks` header."""
+        alias = self.aliases.get(model)
+        primary = self.route(alias.route if alias else model)
+        chain: tuple[str, ...] = alias.fallbacks if alias else ()
+        field_name = "model"
+        if fallbacks_header is not None:
+            chain = tuple(part.strip() for part in fallbacks_header.split(",") if part.strip())
+            field_name = "x-ferry-fallbacks"
+            if len(chain) > MAX_FALLBACKS:
+                raise InvalidRequest(
+                    f"x-ferry-fallbacks: at most {MAX_FALLBACKS} routes, got {len(chain)}")
+        fallbacks = tuple(self.route(self.aliases[f].route if f in self.aliases else f,
+                                     field=f"{field_name} fallback {f!r}") for f in chain)
+        return Resolution(primary, fallbacks)
+
+    def known_models(self) -> set[str]:
+        """Model names that come from configuration, not from clients (metric labels)."""
+        names = set(self.aliases)
+        for config in self.configs.values():
+            names.update(config.models)
+            names.update(f"{config.name}/{m}" for m in config.models)
+        return names
 
     def route(self, model: str, field: str = "model") -> Route:
         name, sep, rest = model.partition("/")
@@ -89,27 +142,42 @@ def load_providers(settings: Settings) -> Providers:
             base_url=settings.openai_base_url or "https://api.openai.com/v1",
             keys=_keys(settings.openai_api_key),
         )
+    aliases: dict[str, ModelAlias] = {}
     if settings.providers_file:
-        configs.update(_read_file(Path(settings.providers_file)))
-    return Providers(configs)
+        file_configs, aliases = _read_file(Path(settings.providers_file))
+        configs.update(file_configs)
+    providers = Providers(configs, aliases)
+    for alias in aliases.values():  # an alias naming no configured provider is a typo
+        try:
+            providers.resolve(alias.name)
+        except InvalidRequest as exc:
+            raise ProviderConfigError(f"models.{alias.name}: {exc.message}") from None
+    return providers
 
 
 def _keys(secret: SecretStr | None) -> tuple[KeyConfig, ...]:
     return (KeyConfig(key=secret.get_secret_value()),) if secret else ()
 
 
-def _read_file(path: Path) -> dict[str, ProviderConfig]:
+def _read_file(path: Path) -> tuple[dict[str, ProviderConfig], dict[str, ModelAlias]]:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ProviderConfigError(f"cannot read providers file {path}: {exc}") from exc
-    table = data.get("providers")
-    if not isinstance(table, dict):
-        raise ProviderConfigError(f"{path}: expected [providers.NAME] tables")
+    table = data.get("providers", {})
+    models = data.get("models", {})
+    if not isinstance(table, dict) or not isinstance(models, dict) or not (table or models):
+        raise ProviderConfigError(f"{path}: expected [providers.NAME] or [models.NAME] tables")
     out = {}
     for name, body in table.items():
         try:
             out[name] = ProviderConfig.model_validate({"name": name, **body})
         except (ValidationError, TypeError) as exc:
             raise ProviderConfigError(f"{path}: providers.{name}: {exc}") from exc
-    return out
+    aliases = {}
+    for name, body in models.items():
+        try:
+            aliases[name] = ModelAlias.model_validate({"name": name, **body})
+        except (ValidationError, TypeError) as exc:
+            raise ProviderConfigError(f"{path}: models.{name}: {exc}") from exc
+    return out, aliases

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONSUMER_TIMEOUT_MARGIN_S = 60.0
 
 
 def _env(name: str) -> AliasChoices:
@@ -48,12 +50,36 @@ class Settings(BaseSettings):
     retry_base_s: float = Field(0.5, ge=0, validation_alias=_env("FERRY_RETRY_BASE"))
     retry_max_s: float = Field(30.0, ge=0, validation_alias=_env("FERRY_RETRY_MAX"))
 
+    broker_connect_timeout_s: float = Field(
+        10.0, gt=0, validation_alias=_env("FERRY_BROKER_CONNECT_TIMEOUT"))
+    broker_heartbeat_s: int = Field(15, ge=0, validation_alias=_env("FERRY_BROKER_HEARTBEAT"))
+    # RabbitMQ closes the channel of a consumer that holds a message longer than this (its
+    # `consumer_timeout`, 30 min by default): a job must finish well within it.
+    broker_consumer_timeout_s: float = Field(
+        1800.0, gt=0, validation_alias=_env("FERRY_BROKER_CONSUMER_TIMEOUT"))
+    db_connect_timeout_s: float = Field(
+        10.0, gt=0, validation_alias=_env("FERRY_DB_CONNECT_TIMEOUT"))
+
     # Worker
     worker_concurrency: int = Field(
         64, ge=1, le=10_000, validation_alias=_env("FERRY_WORKER_CONCURRENCY")
     )
     shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("FERRY_SHUTDOWN_GRACE"))
-    delivery_limit: int = Field(5, ge=1, le=100, validation_alias=_env("FERRY_DELIVERY_LIMIT"))
+    # A job picked up this many times by workers that died or lost it under it is failed (it
+    # may be what kills them). Counted in the job row, not by the broker.
+    delivery_limit: int = Field(5, ge=1, le=50, validation_alias=_env("FERRY_DELIVERY_LIMIT"))
+    # A running job's lease: a worker extends it every third of this; a job whose lease ran
+    # out is picked up again (by the message the broker redelivers, or the reconciler's).
+    lease_s: float = Field(30.0, ge=1, validation_alias=_env("FERRY_LEASE_SECONDS"))
+    # All the time one delivery of a job may take (provider calls, retries and store writes).
+    job_deadline_s: float = Field(1500.0, gt=0, validation_alias=_env("FERRY_JOB_DEADLINE"))
+    # Reconciler (runs in the sweeper process): how often, and after how long a job whose
+    # publish was never confirmed, or whose message went missing, is published again.
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, validation_alias=_env("FERRY_RECONCILE_INTERVAL"))
+    outbox_grace_s: float = Field(15.0, ge=0, validation_alias=_env("FERRY_OUTBOX_GRACE"))
+    republish_after_s: float = Field(
+        600.0, gt=0, validation_alias=_env("FERRY_REPUBLISH_AFTER"))
     queue_max_length: int = Field(
         1_000_000, ge=1, validation_alias=_env("FERRY_QUEUE_MAX_LENGTH")
     )
@@ -76,6 +102,9 @@ class Settings(BaseSettings):
         10_000, ge=1, validation_alias=_env("FERRY_INTERACTIVE_MAX_QUEUED")
     )
     ping_interval_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PING_INTERVAL"))
+    # Admission: once the oldest sync/stream request still waiting for a worker has waited
+    # this long, new ones are refused at once with 529 instead of queueing behind it.
+    admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))
 
     # Results
     result_ttl_default_s: int = Field(3600, ge=0, validation_alias=_env("FERRY_RESULT_TTL"))
@@ -90,15 +119,33 @@ class Settings(BaseSettings):
 
     # Front door
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, validation_alias=_env("FERRY_MAX_BODY"))
+    # A request body must arrive within this (a client that stalls mid-body is cut off).
+    body_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("FERRY_BODY_TIMEOUT"))
+    # Bodies larger than this are parsed in a helper process, not on the event loop.
+    parse_offload_bytes: int = Field(
+        1024 * 1024, ge=0, validation_alias=_env("FERRY_PARSE_OFFLOAD_BYTES"))
     db_pool_size: int = Field(10, ge=1, validation_alias=_env("FERRY_DB_POOL_SIZE"))
 
     metrics_port: int = Field(9100, ge=0, le=65535, validation_alias=_env("FERRY_METRICS_PORT"))
+    metrics_host: str = Field("0.0.0.0", validation_alias=_env("FERRY_METRICS_HOST"))
     stats_interval_s: float = Field(5.0, gt=0, validation_alias=_env("FERRY_STATS_INTERVAL"))
 
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", validation_alias=_env("FERRY_LOG_FORMAT")
     )
     log_level: str = Field("info", validation_alias=_env("FERRY_LOG_LEVEL"))
+
+    @model_validator(mode="after")
+    def _job_fits_the_consumer_timeout(self) -> Settings:
+        margin = CONSUMER_TIMEOUT_MARGIN_S
+        if self.job_deadline_s + margin > self.broker_consumer_timeout_s:
+            raise ValueError(
+                f"FERRY_JOB_DEADLINE ({self.job_deadline_s:g} s) must be at least {margin:g} s "
+                f"below the broker's consumer timeout ({self.broker_consumer_timeout_s:g} s, "
+                "FERRY_BROKER_CONSUMER_TIMEOUT): RabbitMQ would take the job away mid-call")
+        if self.lease_s * 2 > self.job_deadline_s:
+            raise ValueError("FERRY_LEASE_SECONDS must be at most half of FERRY_JOB_DEADLINE")
+        return self
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:

@@ -1,17 +1,55 @@
-"""All SQL. The api and the worker talk to PostgreSQL only through this module."""
+"""All SQL. The api, the workers and the reconciler talk to PostgreSQL only through this module.
+
+The job row is the one source of truth for a job's life (status, lease, attempts); messages
+only carry work. Connection-level failures are translated once, here, into `StoreUnavailable`,
+which callers may retry; anything else is a bug or bad data and is not retried.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 import asyncpg
 
-from shared.errors import Unavailable
+from shared.errors import Conflict, InvalidRequest, Unavailable
 from shared.jobs import Mode, Status
+from shared.logging import get_logger
+
+log = get_logger("ferry.store")
+
+ACQUIRE_TIMEOUT_S = 10.0
+IDEMPOTENCY_WINDOW_S = 24 * 3600
+
+# Failures of the connection or the server, not of the statement: worth trying again.
+_TRANSIENT = (
+    OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin / crash shutdown of the server
+    asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+)
+# A value the database refuses (a NUL in text, an index row too large...): the member's fault.
+_BAD_DATA = (asyncpg.DataError, asyncpg.exceptions.ProgramLimitExceededError,
+             asyncpg.exceptions.CharacterNotInRepertoireError)
+
+
+class StoreUnavailable(Unavailable):
+    def __init__(self, message: str = "the job store is unavailable; retry later") -> None:
+        super().__init__(message)
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise StoreUnavailable() from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +60,9 @@ class NewJob:
     model: str
     provider: str
     ttl_seconds: int
+    message: bytes  # the job message as published (kept until the job ends: the outbox)
     upstream_model: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +76,24 @@ class JobView:
     body: str | None
 
 
+ClaimState = Literal["claimed", "missing", "finished", "held", "parked"]
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
-    status: Status
-    deliveries: int
-    ttl_seconds: int
+    """What claiming a job found. `claimed`: it is this worker's now, with a lease;
+    `missing`: no such row (its submit was withdrawn, or history pruned); `finished`: done
+    already; `held`: another worker's lease on it is still running; `parked`: waiting for a
+    delayed retry that is not due yet."""
+
+    state: ClaimState
+    status: Status | None = None
+    attempts: int = 0  # provider calls made for this job before this claim
+    abandoned: int = 0  # times taken over from a worker that stopped under it
+    holder: str | None = None
+    lease_remaining_s: float = 0.0  # for `held`: how long the holder's lease still runs
+    lease_until: datetime | None = None  # for `held`: changes when the holder extends it
+    ttl_seconds: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +137,46 @@ class HistoryRow:
     submitted_at: datetime
     started_at: datetime
     completed_at: datetime
+    request_id: str | None = None
 
 
 _HISTORY_COLUMNS = [
     "id", "caller_hash", "mode", "model", "provider", "status", "attempts", "worker_id",
     "http_status", "error_type", "stop_reason", "input_tokens", "output_tokens",
     "served_provider", "served_model", "upstream_model",
-    "submitted_at", "started_at", "completed_at", "ttl_seconds", "deliveries",
+    "submitted_at", "started_at", "completed_at", "ttl_seconds", "deliveries", "request_id",
 ]
 
+_INSERT_JOBS = (
+    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds, upstream_model,"
+    " request_id) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[],"
+    " $5::text[], $6::integer[], $7::text[], $8::text[])"
+)
+_INSERT_PAYLOADS = (
+    "INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $2::bytea[])"
+)
 
-_POSTGRES_DOWN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                  asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+# Take the job if it is waiting (and due), or if the lease of the worker that had it ran out.
+# One round trip: the CTE reads the row under a lock and the UPDATE applies only when it may.
+_CLAIM = """
+WITH cur AS (
+    SELECT id, status, worker_id, lease_until, not_before, attempts, abandoned, ttl_seconds,
+           now() AS db_now
+    FROM jobs WHERE id = $1 FOR UPDATE
+), taken AS (
+    UPDATE jobs j SET status = 'processing', worker_id = $2,
+           lease_until = now() + make_interval(secs => $3),
+           started_at = coalesce(j.started_at, now()), deliveries = j.deliveries + 1,
+           abandoned = j.abandoned + (cur.status = 'processing')::int, not_before = NULL
+    FROM cur
+    WHERE j.id = cur.id AND (
+        (cur.status = 'pending'
+         AND (cur.not_before IS NULL OR cur.not_before <= now() + interval '1 second'))
+        OR (cur.status = 'processing' AND cur.lease_until < now()))
+    RETURNING j.abandoned
+)
+SELECT cur.*, (SELECT abandoned FROM taken) AS taken_abandoned FROM cur
+"""
 
 
 class Store:
@@ -103,65 +184,121 @@ class Store:
         self._pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 20) -> Store:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    async def connect(cls, dsn: str, *, min_size: int = 2, max_size: int = 20,
+                      timeout_s: float = 10.0) -> Store:
+        """Raises StoreUnavailable when the database cannot be reached."""
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                             timeout=timeout_s)
+        except _TRANSIENT as exc:
+            raise StoreUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
         return cls(pool)
 
     async def close(self) -> None:
         await self._pool.close()
 
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        with _translated():
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                yield conn
+
     async def ping(self) -> None:
-        await self._pool.fetchval("SELECT 1")
+        async with self._conn() as conn:
+            await conn.fetchval("SELECT 1")
 
-    # --- api -------------------------------------------------------------------------------
+    async def schema_version(self) -> int:
+        """The highest migration applied (0 on an empty database)."""
+        async with self._conn() as conn:
+            exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            if not exists:
+                return 0
+            return int(await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
-    @asynccontextmanager
-    async def submitting(self, job: NewJob) -> AsyncIterator[None]:
-        """Insert the job and keep the transaction open while the caller publishes it.
+    # --- api: submits ----------------------------------------------------------------------
 
-        The row commits only if the body of the `async with` succeeds (the broker confirmed),
-        so a failed publish or a crash leaves no job behind that would stay pending forever.
-        """
-        async with self.submitting_many([job]):
-            yield
-
-    @asynccontextmanager
-    async def submitting_many(
-        self, jobs: list[NewJob]
-    ) -> AsyncIterator[Callable[[list[uuid.UUID]], Awaitable[None]]]:
-        """`submitting` for a batch: one INSERT, one commit. Yields `discard(ids)`, which
-        removes the rows of jobs whose publish failed before the rest commit."""
+    async def insert_jobs(self, jobs: list[NewJob]) -> list[InvalidRequest | None]:
+        """Commit new jobs (unpublished: the outbox) in one transaction. A member the
+        database refuses fails alone: the batch is then inserted row by row. Returns a
+        per-job error (None where the job was stored); raises StoreUnavailable when nothing
+        could be stored."""
         try:
-            conn: asyncpg.Connection
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(
-                    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds,"
-                    " upstream_model) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[],"
-                    " $4::text[], $5::text[], $6::integer[], $7::text[])",
-                    [j.id for j in jobs], [j.caller_hash for j in jobs], [j.mode for j in jobs],
-                    [j.model for j in jobs], [j.provider for j in jobs],
-                    [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
-                )
+            async with self._conn() as conn, conn.transaction():
+                await self._insert(conn, jobs)
+            return [None] * len(jobs)
+        except _BAD_DATA:
+            if len(jobs) == 1:
+                return [_unstorable()]
+        results: list[InvalidRequest | None] = []
+        for job in jobs:
+            try:
+                async with self._conn() as conn, conn.transaction():
+                    await self._insert(conn, [job])
+                results.append(None)
+            except _BAD_DATA:
+                results.append(_unstorable())
+        return results
 
-                async def discard(ids: list[uuid.UUID]) -> None:
-                    await conn.execute("DELETE FROM jobs WHERE id = ANY($1::uuid[])", ids)
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, jobs: list[NewJob]) -> None:
+        await conn.execute(
+            _INSERT_JOBS, [j.id for j in jobs], [j.caller_hash for j in jobs],
+            [j.mode for j in jobs], [j.model for j in jobs], [j.provider for j in jobs],
+            [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
+            [j.request_id for j in jobs],
+        )
+        await conn.execute(_INSERT_PAYLOADS, [j.id for j in jobs], [j.message for j in jobs])
 
-                yield discard
-        except _POSTGRES_DOWN as exc:
-            raise Unavailable("the job store is unavailable; retry later") from exc
+    async def insert_idempotent(self, job: NewJob, key: str, body_hash: bytes
+                                ) -> tuple[uuid.UUID, Status, bool]:
+        """Commit `job` unless this caller used `key` in the last 24 h: then (that job's id,
+        its status, False). The same key with another request is a Conflict."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM idempotency_keys WHERE caller_hash = $1 AND key = $2"
+                " AND created_at < now() - make_interval(secs => $3)",
+                job.caller_hash, key, float(IDEMPOTENCY_WINDOW_S))
+            row = await conn.fetchrow(
+                "INSERT INTO idempotency_keys (caller_hash, key, body_hash, job_id)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (caller_hash, key) DO NOTHING"
+                " RETURNING job_id", job.caller_hash, key, body_hash, job.id)
+            if row is None:
+                existing = await conn.fetchrow(
+                    "SELECT k.body_hash, k.job_id, j.status FROM idempotency_keys k"
+                    " JOIN jobs j ON j.id = k.job_id WHERE k.caller_hash = $1 AND k.key = $2",
+                    job.caller_hash, key)
+                if existing is None:  # its job was withdrawn in between: a plain retry helps
+                    raise StoreUnavailable("the idempotency key is being released; retry")
+                if bytes(existing["body_hash"]) != body_hash:
+                    raise Conflict(f"Idempotency-Key {key!r} was already used with a different"
+                                   " request in the last 24 hours")
+                return existing["job_id"], existing["status"], False
+            await self._insert(conn, [job])  # the key's reference is checked at commit
+        return job.id, "pending", True
+
+    async def mark_published(self, ids: list[uuid.UUID]) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET published_at = now() WHERE id = ANY($1::uuid[])", ids)
+
+    async def withdraw(self, ids: list[uuid.UUID]) -> None:
+        """Remove submits whose publish failed (their client gets an error), unless a worker
+        already took one (the message did get through)."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "DELETE FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'pending'", ids)
 
     async def get_job(self, job_id: uuid.UUID, caller_hash: bytes) -> JobView | None:
         """The job as its submitter may see it; None if unknown, someone else's, or expired."""
-        try:
-            row = await self._pool.fetchrow(
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
                 "SELECT j.status, j.model, j.http_status, r.body"
                 " FROM jobs j LEFT JOIN job_results r ON r.job_id = j.id"
-                " WHERE j.id = $1 AND j.caller_hash = $2"
+                " WHERE j.id = $1 AND j.caller_hash = $2 AND j.mode = 'async'"
                 " AND (j.expires_at IS NULL OR j.expires_at > now())",
                 job_id, caller_hash,
             )
-        except _POSTGRES_DOWN as exc:
-            raise Unavailable("the job store is unavailable; retry later") from exc
         if row is None:
             return None
         status = row["status"]
@@ -170,44 +307,54 @@ class Store:
         return JobView(job_id, status, row["model"], row["http_status"], row["body"])
 
     async def unfinished_counts(self) -> dict[str, int]:
-        rows = await self._pool.fetch(
-            "SELECT status, count(*) AS n FROM jobs"
-            " WHERE status IN ('pending', 'processing') GROUP BY status"
-        )
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT status, count(*) AS n FROM jobs"
+                " WHERE status IN ('pending', 'processing') GROUP BY status")
         counts = {"pending": 0, "processing": 0}
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
 
     # --- worker ----------------------------------------------------------------------------
 
-    async def claim(self, job_id: uuid.UUID, worker_id: str) -> Claim | None:
-        """Mark the job processing (again, after a redelivery). None if there is no such job;
-        a finished job is returned unchanged so a redelivered message is simply acked."""
-        row = await self._pool.fetchrow(
-            "WITH claimed AS ("
-            " UPDATE jobs SET status = 'processing', started_at = coalesce(started_at, now()),"
-            " deliveries = deliveries + 1, worker_id = $2"
-            " WHERE id = $1 AND status IN ('pending', 'processing')"
-            " RETURNING status, deliveries, ttl_seconds)"
-            " SELECT * FROM claimed UNION ALL"
-            " SELECT status, deliveries, ttl_seconds FROM jobs"
-            " WHERE id = $1 AND NOT EXISTS (SELECT FROM claimed)",
-            job_id, worker_id,
-        )
+    async def claim(self, job_id: uuid.UUID, worker_id: str, lease_s: float) -> Claim:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_CLAIM, job_id, worker_id, float(lease_s))
         if row is None:
-            return None
-        return Claim(row["status"], row["deliveries"], row["ttl_seconds"])
+            return Claim("missing")
+        status = row["status"]
+        if row["taken_abandoned"] is not None:
+            return Claim("claimed", "processing", row["attempts"], row["taken_abandoned"],
+                         ttl_seconds=row["ttl_seconds"])
+        if status in ("completed", "failed"):
+            return Claim("finished", status)
+        if status == "pending":
+            return Claim("parked", status, row["attempts"])
+        lease_until = row["lease_until"]
+        remaining = (lease_until - row["db_now"]).total_seconds() if lease_until else 0.0
+        return Claim("held", status, row["attempts"], row["abandoned"], row["worker_id"],
+                     remaining, lease_until)
+
+    async def extend_leases(self, ids: list[uuid.UUID], worker_id: str,
+                            lease_s: float) -> set[uuid.UUID]:
+        """Extend this worker's leases; returns the jobs it no longer holds."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "UPDATE jobs SET lease_until = now() + make_interval(secs => $3)"
+                " WHERE id = ANY($1::uuid[]) AND worker_id = $2 AND status = 'processing'"
+                " RETURNING id", ids, worker_id, float(lease_s))
+        return set(ids) - {r["id"] for r in rows}
 
     async def finish(self, job_id: uuid.UUID, outcome: Outcome) -> bool:
-        """Store the result and the history in one transaction. Idempotent: a job that is
-        already finished keeps its first result; returns whether this call finished it."""
-        conn: asyncpg.Connection
-        async with self._pool.acquire() as conn, conn.transaction():
+        """Store the result and the history in one transaction, and drop the job's payload.
+        Idempotent: a job that is already finished keeps its first result; returns whether
+        this call finished it."""
+        async with self._conn() as conn, conn.transaction():
             expires_at: datetime | None = await conn.fetchval(
                 "UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4,"
                 " error_type = $5, stop_reason = $6, input_tokens = $7, output_tokens = $8,"
                 " cache_creation_input_tokens = $9, cache_read_input_tokens = $10,"
-                " served_provider = $11, served_model = $12,"
+                " served_provider = $11, served_model = $12, lease_until = NULL,"
                 " completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)"
                 " WHERE id = $1 AND status IN ('pending', 'processing')"
                 " RETURNING expires_at",
@@ -223,60 +370,179 @@ class Store:
                 " ON CONFLICT (job_id) DO NOTHING",
                 job_id, outcome.body.decode(), expires_at,
             )
+            await conn.execute("DELETE FROM job_payloads WHERE job_id = $1", job_id)
             return True
 
-    async def record_history(self, rows: list[HistoryRow]) -> None:
-        """Bulk-insert finished interactive requests (COPY: one round trip per batch)."""
-        records = [
-            (r.id, r.caller_hash, r.mode, r.model, r.provider, r.status, r.attempts,
-             r.worker_id, r.http_status, r.error_type, r.stop_reason, r.input_tokens,
-             r.output_tokens, r.served_provider, r.served_model, r.upstream_model,
-             r.submitted_at, r.started_at, r.completed_at, 0, 1)
-            for r in rows
-        ]
-        async with self._pool.acquire() as conn:
-            await conn.copy_records_to_table("jobs", records=records, columns=_HISTORY_COLUMNS)
+    async def park(self, job_id: uuid.UUID, worker_id: str, attempts: int,
+                   delay_s: float) -> None:
+        """Back to pending until its delayed retry is due; the calls made so far count."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET status = 'pending', attempts = attempts + $3,"
+                " lease_until = NULL, published_at = now(),"
+                " not_before = now() + make_interval(secs => $4)"
+                " WHERE id = $1 AND worker_id = $2 AND status = 'processing'",
+                job_id, worker_id, attempts, float(delay_s))
 
-    async def release(self, job_id: uuid.UUID, attempts: int) -> None:
-        """Back to pending: the job waits in a delay queue for its next attempt; the calls
-        made so far count in its history."""
-        await self._pool.execute(
-            "UPDATE jobs SET status = 'pending', attempts = attempts + $2"
-            " WHERE id = $1 AND status = 'processing'", job_id, attempts,
-        )
+    async def release(self, job_id: uuid.UUID, worker_id: str, attempts: int) -> None:
+        """Hand a job back (the worker is stopping): pending again, for the next worker."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET status = 'pending', attempts = attempts + $3,"
+                " lease_until = NULL WHERE id = $1 AND worker_id = $2"
+                " AND status = 'processing'", job_id, worker_id, attempts)
+
+    async def record_history(self, rows: list[HistoryRow]) -> int:
+        """Bulk-insert finished interactive requests (COPY: one round trip per batch). A row
+        the database refuses is dropped alone; returns how many were dropped."""
+        records = [_history_record(r) for r in rows]
+        try:
+            async with self._conn() as conn:
+                await conn.copy_records_to_table("jobs", records=records,
+                                                 columns=_HISTORY_COLUMNS)
+            return 0
+        except (*_BAD_DATA, asyncpg.UniqueViolationError):
+            if len(records) == 1:
+                return 1
+        dropped = 0
+        for record in records:
+            try:
+                async with self._conn() as conn:
+                    await conn.copy_records_to_table("jobs", records=[record],
+                                                     columns=_HISTORY_COLUMNS)
+            except (*_BAD_DATA, asyncpg.UniqueViolationError):
+                dropped += 1
+        return dropped
+
+    # --- reconciler ------------------------------------------------------------------------
+
+    # Each release makes jobs pending and unpublished; the reconciler publishes them at once
+    # (and, should that fail, its scan for unpublished jobs does later).
+
+    async def recover_expired_leases(self, grace_s: float, limit: int) -> list[uuid.UUID]:
+        """Jobs whose worker stopped renewing its lease: pending again, to be republished."""
+        return await self._release(
+            "UPDATE jobs SET status = 'pending', lease_until = NULL, published_at = NULL,"
+            " abandoned = abandoned + 1 WHERE id IN (SELECT id FROM jobs"
+            " WHERE status = 'processing' AND lease_until < now() - make_interval(secs => $1)"
+            " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", grace_s, limit)
+
+    async def release_overdue_parked(self, grace_s: float, limit: int) -> list[uuid.UUID]:
+        """Parked jobs whose delayed message never came back: to be republished."""
+        return await self._release(
+            "UPDATE jobs SET not_before = NULL, published_at = NULL WHERE id IN ("
+            " SELECT id FROM jobs WHERE status = 'pending'"
+            " AND not_before < now() - make_interval(secs => $1)"
+            " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", grace_s, limit)
+
+    async def release_stale_pending(self, older_than_s: float, limit: int) -> list[uuid.UUID]:
+        """Pending jobs published long ago and never picked up (their message was lost)."""
+        return await self._release(
+            "UPDATE jobs SET published_at = NULL WHERE id IN ("
+            " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
+            " AND published_at < now() - make_interval(secs => $1)"
+            " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", older_than_s, limit)
+
+    async def _release(self, sql: str, seconds: float, limit: int) -> list[uuid.UUID]:
+        async with self._conn() as conn:
+            return [r["id"] for r in await conn.fetch(sql, float(seconds), limit)]
+
+    async def messages(self, ids: list[uuid.UUID]) -> list[tuple[uuid.UUID, bytes]]:
+        """The stored messages of these jobs (those still unfinished)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT job_id, message FROM job_payloads WHERE job_id = ANY($1::uuid[])", ids)
+        return [(r["job_id"], bytes(r["message"])) for r in rows]
+
+    async def unpublished(self, older_than_s: float, limit: int
+                          ) -> list[tuple[uuid.UUID, bytes]]:
+        """Pending jobs with no confirmed message, committed more than `older_than_s` ago
+        (the api stopped between commit and publish), with their messages."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT j.id, p.message FROM jobs j JOIN job_payloads p ON p.job_id = j.id"
+                " WHERE j.status = 'pending' AND j.published_at IS NULL"
+                " AND j.submitted_at < now() - make_interval(secs => $1)"
+                " ORDER BY j.submitted_at LIMIT $2", float(older_than_s), limit)
+        return [(r["id"], bytes(r["message"])) for r in rows]
+
+    async def fail_unfinished(self, job_id: uuid.UUID, outcome: Outcome) -> bool:
+        """`finish` for the reconciler: fails a job that is still unfinished."""
+        return await self.finish(job_id, outcome)
+
+    async def job_status(self, job_id: uuid.UUID) -> tuple[Status, int] | None:
+        """(status, deliveries), for the dead-letter drain's message."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT status, deliveries FROM jobs WHERE id = $1",
+                                      job_id)
+        return None if row is None else (row["status"], row["deliveries"])
 
     # --- sweeper ---------------------------------------------------------------------------
 
     async def sweep_expired(self, batch: int) -> int:
         """Delete one bounded batch of expired results in a short transaction."""
-        status = await self._pool.execute(
-            "DELETE FROM job_results WHERE job_id IN ("
-            " SELECT job_id FROM job_results WHERE expires_at <= now()"
-            " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
-            batch,
-        )
-        return int(status.split()[-1])
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "DELETE FROM job_results WHERE job_id IN ("
+                " SELECT job_id FROM job_results WHERE expires_at <= now()"
+                " ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)", batch)
+        return _count(status)
+
+    async def sweep_idempotency_keys(self, batch: int) -> int:
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE (caller_hash, key) IN ("
+                " SELECT caller_hash, key FROM idempotency_keys"
+                " WHERE created_at < now() - make_interval(secs => $1)"
+                " LIMIT $2 FOR UPDATE SKIP LOCKED)", float(IDEMPOTENCY_WINDOW_S), batch)
+        return _count(status)
 
     async def prune_history(self, older_than_s: float, batch: int) -> int:
         """Delete one bounded batch of finished history rows submitted before the retention
         window (oldest first, along the submitted_at index)."""
-        status = await self._pool.execute(
-            "DELETE FROM jobs WHERE id IN ("
-            " SELECT id FROM jobs"
-            " WHERE submitted_at < now() - make_interval(secs => $1)"
-            " AND status IN ('completed', 'failed')"
-            " ORDER BY submitted_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            older_than_s, batch,
-        )
-        return int(status.split()[-1])
-
-    async def try_sweeper_lock(self, conn: asyncpg.Connection, key: int) -> bool:
-        return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
-
-    async def release_sweeper_lock(self, conn: asyncpg.Connection, key: int) -> None:
-        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        async with self._conn() as conn:
+            status = await conn.execute(
+                "DELETE FROM jobs WHERE id IN ("
+                " SELECT id FROM jobs"
+                " WHERE submitted_at < now() - make_interval(secs => $1)"
+                " AND status IN ('completed', 'failed')"
+                " ORDER BY submitted_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                older_than_s, batch)
+        return _count(status)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._pool.acquire() as conn:
-            yield conn
+    async def advisory_lock(self, key: int) -> AsyncIterator[bool]:
+        """A session-level advisory lock held for the block: True if this process got it
+        (one of any number of sweeper/reconciler replicas does the work)."""
+        async with self._conn() as conn:
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield got
+            finally:
+                if got:
+                    with _translated():
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+
+def _count(status: str) -> int:
+    return int(status.split()[-1])
+
+
+def _unstorable() -> InvalidRequest:
+    return InvalidRequest("the request holds a value the job store cannot keep")
+
+
+def _history_record(r: HistoryRow) -> tuple[object, ...]:
+    return (r.id, r.caller_hash, r.mode, r.model, r.provider, r.status, r.attempts,
+            r.worker_id, r.http_status, r.error_type, r.stop_reason, r.input_tokens,
+            r.output_tokens, r.served_provider, r.served_model, r.upstream_model,
+            r.submitted_at, r.started_at, r.completed_at, 0, 1, r.request_id)
+
+
+def body_hash(*parts: bytes) -> bytes:
+    """What an idempotent submit is compared by."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()

@@ -1,8 +1,10 @@
-"""Anthropic Messages API wire format: the one definition used by api, broker, worker and tests.
+"""Anthropic Messages API models for where Ferry must understand a request: the translation to
+OpenAI-compatible providers. Known fields are validated strictly (types, ranges, no typos
+inside known objects), because what cannot be translated faithfully must be refused.
 
-Known fields are validated strictly (types, ranges, no typos inside known objects); unknown
-top-level request fields and unknown content-block / server-tool types are kept and forwarded,
-so a new Anthropic feature does not need a Ferry release.
+The front door does NOT use these: it checks only a request's outline (`api/validation.py`)
+and forwards the body untouched, so a new Anthropic field never breaks a client. The error
+envelope at the end of this module is Ferry's own, used everywhere.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ ContentBlock = Annotated[
 
 
 class InputMessage(Strict):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
 
@@ -223,13 +225,21 @@ ToolChoice = Annotated[
 class ThinkingEnabled(Strict):
     type: Literal["enabled"]
     budget_tokens: Annotated[int, Field(ge=1024)]
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class ThinkingAdaptive(Strict):
+    type: Literal["adaptive"]
+    display: Literal["summarized", "omitted"] | None = None
 
 
 class ThinkingDisabled(Strict):
     type: Literal["disabled"]
+    display: Literal["summarized", "omitted"] | None = None
 
 
-Thinking = Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")]
+Thinking = Annotated[ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled,
+                     Field(discriminator="type")]
 
 
 class Metadata(Strict):
@@ -241,7 +251,7 @@ class Metadata(Strict):
 
 class MessagesRequest(Open):
     model: Annotated[str, Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)]
+    max_tokens: Annotated[int, Field(ge=0)]
     messages: Annotated[list[InputMessage], Field(min_length=1)]
     system: str | list[TextBlock] | None = None
     stream: bool | None = None
@@ -253,11 +263,6 @@ class MessagesRequest(Open):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: Thinking | None = None
-    # Ferry's extension: `provider/model` routes tried in order when the primary fails with a
-    # retryable error after its retries. Stripped before the upstream call.
-    fallbacks: (
-        Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=5)] | None
-    ) = None
 
     @model_validator(mode="after")
     def _budget_below_max_tokens(self) -> MessagesRequest:
@@ -404,7 +409,10 @@ STATUS_ERROR_TYPES: dict[int, str] = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    402: "billing_error",
     405: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",

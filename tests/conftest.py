@@ -7,7 +7,6 @@ run creates is named after its run id and removed when the session ends.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import shutil
@@ -27,11 +26,10 @@ import aio_pika
 import asyncpg
 import pytest
 import pytest_asyncio
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiohttp import web
 
 from fakeprovider.server import create_app as create_fake_provider
-from shared.broker import Broker
+from shared.broker import delete_topology
 from shared.migrate import migrate
 from shared.settings import Settings
 
@@ -207,7 +205,7 @@ class TestRun:
             channel = await connection.channel()
             for namespace in todo:
                 settings = Settings(amqp_url=self.amqp_url, namespace=namespace)
-                await _idle_broker(settings, connection, channel).delete_topology()
+                await delete_topology(channel, settings)
                 self.namespaces.discard(namespace)
         finally:
             await connection.close()
@@ -216,15 +214,6 @@ class TestRun:
         await self.drop_all_databases()  # the template, and any database a failed test left
         await self.delete_namespaces()
         self.registry.unlink(missing_ok=True)
-
-
-def _idle_broker(settings: Settings, connection: AbstractRobustConnection,
-                 channel: AbstractChannel) -> Broker:
-    """A Broker on an open connection that declares nothing, unlike Broker.connect (a queue
-    declared with other arguments, a small x-max-length, would make that fail). Whatever
-    channels the constructor wants, it gets the one channel used for cleanup."""
-    channels = len(inspect.signature(Broker).parameters) - 2  # after settings, connection
-    return Broker(settings, connection, *[channel] * channels)
 
 
 async def _hold_run_lock(admin: asyncpg.Connection, run_id: str) -> None:

@@ -1,30 +1,39 @@
-"""Serving sync and stream requests: call the provider and send the answer, or each stream
-event as it arrives, to the api process that waits for it."""
+"""Serving sync and stream requests (and count_tokens / model listings): call the provider and
+send the answer, or each stream event as it arrives, to the api process that waits for it.
+
+Whatever a request contains, it ends in an answer to the api (a message, or an error with
+Anthropic's envelope): a failure in here is never a dead task and a waiting client.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
-from shared.broker import job_envelope, reply_message
+from shared.broker import Broker, job_envelope, settle
+from shared.errors import Unavailable
 from shared.jobs import JobEnvelope, Reply, format_job_id
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
+from shared.settings import Settings
 from shared.store import HistoryRow
 from shared.wire import ErrorEnvelope
 from worker.history import HistoryWriter
 from worker.providers.base import (
+    RETRYABLE_STATUSES,
     CallContext,
+    Headers,
     Provider,
     ProviderError,
+    ProviderResponse,
     SSEEvent,
 )
 from worker.retry import Attempts
@@ -33,32 +42,47 @@ from worker.routing import ProviderSet, create_message
 log = get_logger("ferry.worker")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+_REPLY_RECONNECT_WAIT_S = 5.0
 
 
 class InteractiveRunner:
-    def __init__(self, providers: ProviderSet, history: HistoryWriter,
-                 replies: AbstractChannel, worker_id: str, spawn: Spawn,
-                 metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, providers: ProviderSet, history: HistoryWriter,
+                 broker: Broker, worker_id: str, spawn: Spawn, metrics: Metrics) -> None:
+        self._settings = settings
         self._providers = providers
         self._metrics = metrics
         self._history = history
-        self._replies = replies
+        self._broker = broker
         self._worker_id = worker_id
         self._spawn = spawn
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancelled_by_client: set[str] = set()
+        # Cancels for requests this worker has not started (yet): honoured on pickup.
+        self._cancelled_early: dict[str, float] = {}
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        correlation = message.correlation_id or ""
+        if self._cancelled_early.pop(correlation, None) is not None:
+            log.info("interactive request cancelled before it started; dropped",
+                     job_id=f"job_{correlation}")
+            await settle(message.ack())
+            return
         task = self._spawn(self._handle(message))
-        if message.correlation_id:
-            self._running[message.correlation_id] = task
-            task.add_done_callback(lambda _: self._running.pop(message.correlation_id or "", None))
+        if correlation:
+            self._running[correlation] = task
+            task.add_done_callback(lambda _: self._running.pop(correlation, None))
 
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
-        task = self._running.get(message.correlation_id or "")
+        correlation = message.correlation_id or ""
+        task = self._running.get(correlation)
         if task is not None:
-            self._cancelled_by_client.add(message.correlation_id or "")
+            self._cancelled_by_client.add(correlation)
             task.cancel()
+            return
+        now = time.monotonic()
+        self._cancelled_early[correlation] = now + self._settings.pickup_timeout_s + 5
+        if len(self._cancelled_early) > 1000:  # forget the ones past their pickup window
+            self._cancelled_early = {k: t for k, t in self._cancelled_early.items() if t > now}
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self._worker_id)
@@ -68,9 +92,10 @@ class InteractiveRunner:
                 raise ValueError("interactive request without reply_to")
         except ValueError as exc:
             log.error("undecodable interactive request dropped", error=str(exc))
-            await message.reject(requeue=False)
+            await settle(message.reject(requeue=False))
             return
-        structlog.contextvars.bind_contextvars(job_id=format_job_id(envelope.job_id))
+        structlog.contextvars.bind_contextvars(job_id=format_job_id(envelope.job_id),
+                                               request_id=envelope.request_id)
         try:
             if envelope.pickup_deadline is not None and time.time() > envelope.pickup_deadline:
                 log.info("interactive request expired before pickup; dropped")
@@ -81,31 +106,25 @@ class InteractiveRunner:
             else:
                 await self._serve(envelope)
         finally:
-            await message.ack()
+            await settle(message.ack())
 
     async def _serve(self, envelope: JobEnvelope) -> None:
         submitted = datetime.fromtimestamp(time.time(), UTC)
         await self._reply(envelope, Reply(kind="started"))
         outcome = _Outcome()
         try:
-            if envelope.stream:
+            if envelope.operation == "models":
+                await self._models(envelope)
+            elif envelope.stream:
                 await self._stream(envelope, outcome)
             else:
-                started = time.perf_counter()
-                try:
-                    response, route = await self._providers.call(envelope, create_message,
-                                                                 outcome.attempts)
-                finally:
-                    outcome.provider_seconds = time.perf_counter() - started
-                outcome.served(route)
-                outcome.usage, outcome.stop_reason = response.usage, response.stop_reason
-                await self._reply(envelope, Reply(kind="message", body=response.body,
-                                                  provider_seconds=outcome.provider_seconds))
+                await self._once(envelope, outcome)
         except ProviderError as exc:
             outcome.fail(exc.status, exc.error_type)
-            await self._reply(envelope, Reply(kind="error", status=exc.status,
-                                              body=exc.envelope().to_json(),
-                                              provider_seconds=outcome.provider_seconds))
+            await self._reply(envelope, Reply(
+                kind="error", status=exc.status, body=exc.to_json(),
+                provider_seconds=outcome.provider_seconds,
+                headers=_error_headers(exc, outcome.attempts.count)))
         except asyncio.CancelledError:
             if envelope.job_id.hex in self._cancelled_by_client:
                 outcome.fail(499, "client_disconnected")
@@ -115,10 +134,33 @@ class InteractiveRunner:
                 await asyncio.shield(self._reply(envelope, _error_reply(
                     503, "api_error", "the worker shut down before answering; retry")))
             raise
+        except Exception:
+            log.exception("interactive request failed in the worker")
+            outcome.fail(500, "api_error")
+            await self._reply(envelope, _error_reply(500, "api_error",
+                                                     "internal error in the worker"))
         finally:
             self._cancelled_by_client.discard(envelope.job_id.hex)
-            self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
-            self._history.record(outcome.row(envelope, self._worker_id, submitted))
+            if envelope.operation == "messages":
+                self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
+                self._history.record(outcome.row(envelope, self._worker_id, submitted))
+
+    async def _once(self, envelope: JobEnvelope, outcome: _Outcome) -> None:
+        operation = create_message if envelope.operation == "messages" else _count_tokens
+        started = time.perf_counter()
+        try:
+            response, route = await self._providers.call(envelope, operation, outcome.attempts)
+        finally:
+            outcome.provider_seconds = time.perf_counter() - started
+        outcome.served(route)
+        outcome.usage, outcome.stop_reason = response.usage, response.stop_reason
+        await self._reply(envelope, Reply(kind="message", body=response.body,
+                                          provider_seconds=outcome.provider_seconds,
+                                          headers=response.headers))
+
+    async def _models(self, envelope: JobEnvelope) -> None:
+        models = await self._providers.list_models(envelope.provider)
+        await self._reply(envelope, Reply(kind="message", body=orjson.dumps(models)))
 
     async def _stream(self, envelope: JobEnvelope, outcome: _Outcome) -> None:
         # Retries and fallbacks happen only before the first event: after it the client has
@@ -127,35 +169,58 @@ class InteractiveRunner:
                                                             outcome.attempts)
         outcome.served(route)
         event: SSEEvent | None = first
-        while event is not None:
-            outcome.observe(event)
-            await self._reply(envelope, Reply(kind="event", event=event.event, body=event.data))
-            if event.event == "error":
-                return  # the api ends the stream after an error event
-            event = await anext(events, None)
+        try:
+            while event is not None:
+                outcome.observe(event)
+                await self._reply(envelope, Reply(kind="event", event=event.event,
+                                                  body=event.data, headers=event.headers))
+                if event.event == "error":
+                    break  # nothing follows an error event
+                event = await anext(events, None)
+        finally:
+            await events.aclose()
         await self._reply(envelope, Reply(kind="end"))
 
     async def _reply(self, envelope: JobEnvelope, reply: Reply) -> None:
         assert envelope.reply_to is not None
-        await self._replies.default_exchange.publish(
-            reply_message(envelope.job_id, reply), routing_key=envelope.reply_to,
-            mandatory=False,
-        )
+        try:
+            await self._broker.publish_reply(self._broker.reply_channel(), envelope.reply_to,
+                                             envelope.job_id, reply)
+        except Unavailable:
+            # Our connection went; on a cluster it is back on another node within moments.
+            if not await self._broker.link.wait_up(_REPLY_RECONNECT_WAIT_S):
+                raise
+            await self._broker.publish_reply(self._broker.reply_channel(), envelope.reply_to,
+                                             envelope.job_id, reply)
 
 
-async def _open_stream(provider: Provider, body: bytes,
-                       ctx: CallContext) -> tuple[SSEEvent, AsyncIterator[SSEEvent]]:
-    events = provider.stream_message(body, ctx).__aiter__()
+async def _open_stream(provider: Provider, body: bytes, ctx: CallContext
+                       ) -> tuple[SSEEvent, AsyncGenerator[SSEEvent, None]]:
+    events = provider.stream_message(body, ctx)
     try:
         return await events.__anext__(), events
     except StopAsyncIteration:
-        raise ProviderError(502, "api_error", "the provider sent an empty stream",
+        raise ProviderError(502, "api_error", f"provider `{provider.name}` sent an empty stream",
                             retryable=True) from None
+
+
+async def _count_tokens(provider: Provider, body: bytes, ctx: CallContext) -> ProviderResponse:
+    return await provider.count_tokens(body, ctx)
 
 
 def _error_reply(status: int, error_type: str, message: str) -> Reply:
     return Reply(kind="error", status=status,
                  body=ErrorEnvelope.of(error_type, message).to_json())
+
+
+def _error_headers(exc: ProviderError, attempts: int) -> Headers:
+    """The provider's headers, and `x-should-retry: false` where a client retry would only
+    multiply attempts Ferry already made, or cannot help (a spend cap)."""
+    headers = list(exc.headers)
+    retryable_status = exc.status in RETRYABLE_STATUSES or exc.status >= 500
+    if attempts > 1 or (retryable_status and not exc.retryable):
+        headers.append(("x-should-retry", "false"))
+    return tuple(headers)
 
 
 class _Outcome:
@@ -179,17 +244,32 @@ class _Outcome:
 
     def observe(self, event: SSEEvent) -> None:
         """Usage and stop reason from the stream's message_start / message_delta events."""
-        if event.event == "message_start":
-            usage = orjson.loads(event.data).get("message", {}).get("usage", {})
-            self.usage.update({k: v for k, v in usage.items() if isinstance(v, int)})
-        elif event.event == "message_delta":
+        if event.event not in ("message_start", "message_delta", "error"):
+            return
+        try:
             data = orjson.loads(event.data)
-            self.stop_reason = data.get("delta", {}).get("stop_reason") or self.stop_reason
-            usage = data.get("usage") or {}
-            self.usage.update({k: v for k, v in usage.items() if isinstance(v, int)})
-        elif event.event == "error":
-            error = orjson.loads(event.data).get("error", {})
-            self.fail(200, error.get("type", "api_error"))
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(data, dict):
+            return
+        if event.event == "message_start":
+            message = data.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            self._count(usage)
+        elif event.event == "message_delta":
+            delta = data.get("delta")
+            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            self.stop_reason = reason if isinstance(reason, str) else self.stop_reason
+            self._count(data.get("usage"))
+        else:
+            error = data.get("error")
+            kind = error.get("type") if isinstance(error, dict) else None
+            self.fail(200, kind if isinstance(kind, str) else "api_error")
+
+    def _count(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            self.usage.update({k: v for k, v in usage.items()
+                               if isinstance(v, int) and not isinstance(v, bool)})
 
     def row(self, envelope: JobEnvelope, worker_id: str, submitted: datetime) -> HistoryRow:
         return HistoryRow(
@@ -203,5 +283,5 @@ class _Outcome:
             served_model=self.route.model if self.route else None,
             upstream_model=envelope.upstream_model,
             submitted_at=submitted, started_at=submitted,
-            completed_at=datetime.now(UTC),
+            completed_at=datetime.now(UTC), request_id=envelope.request_id,
         )

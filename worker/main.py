@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
@@ -15,26 +14,21 @@ from shared import runtime
 from shared.broker import Broker
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
+from shared.migrate import require_schema
 from shared.providers import ProviderConfig, Providers, load_providers
+from shared.runtime import Lifecycle
 from shared.settings import Settings
 from shared.store import Store
 from worker.providers.anthropic import AnthropicProvider
 from worker.providers.base import Provider
 from worker.providers.openai import OpenAIProvider
+from worker.reconciler import Reconciler
 from worker.retry import RetryPolicy
 from worker.routing import KeyPool, ProviderEntry, ProviderSet
 from worker.sweeper import Sweeper
 from worker.worker import Worker
 
 log = get_logger("ferry.worker")
-
-
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def resolve_key(value: str, environ: Mapping[str, str]) -> str:
@@ -50,10 +44,12 @@ def resolve_key(value: str, environ: Mapping[str, str]) -> str:
 def build_provider(config: ProviderConfig, settings: Settings,
                    session: aiohttp.ClientSession) -> Provider:
     timeout = config.timeout_s or settings.provider_timeout_s
+    idle = min(timeout, settings.stream_idle_timeout_s)
     if config.type == "anthropic":
         return AnthropicProvider(session, config.base_url, None, settings.anthropic_version,
-                                 timeout)
-    return OpenAIProvider(session, config.name, config.base_url, None, timeout)
+                                 timeout, name=config.name, stream_idle_s=idle)
+    return OpenAIProvider(session, config.name, config.base_url, None, timeout,
+                          stream_idle_s=idle)
 
 
 def build_providers(settings: Settings, providers: Providers, session: aiohttp.ClientSession,
@@ -75,9 +71,13 @@ def build_providers(settings: Settings, providers: Providers, session: aiohttp.C
     return ProviderSet(entries, metrics)
 
 
+METRICS_PORT_TRIES = 32
+
+
 @contextlib.asynccontextmanager
 async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[None]:
-    """`/metrics` on this process's own port (FERRY_METRICS_PORT; 0 turns it off)."""
+    """`/metrics` on this process's own port: FERRY_METRICS_PORT, or the next free one after
+    it, so several workers on one host just work (0 turns it off)."""
     if not settings.metrics_port:
         yield
         return
@@ -89,48 +89,76 @@ async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[
     app.router.add_get("/metrics", handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.metrics_port).start()
+    port = None
+    for candidate in range(settings.metrics_port, settings.metrics_port + METRICS_PORT_TRIES):
+        try:
+            await web.TCPSite(runner, settings.metrics_host, candidate).start()
+        except OSError:
+            continue
+        port = candidate
+        break
+    if port is None:
+        log.warning("no free metrics port; /metrics is off for this process",
+                    tried=f"{settings.metrics_port}-"
+                          f"{settings.metrics_port + METRICS_PORT_TRIES - 1}")
+    else:
+        log.info("metrics served", port=port)
     try:
         yield
     finally:
         await runner.cleanup()
 
 
-async def _run_worker(settings: Settings) -> None:
-    stop = _stop_on_signals()
+async def _run_worker(settings: Settings, life: Lifecycle) -> None:
     providers = load_providers(settings)
     store = await Store.connect(settings.database_url, min_size=1,
-                                max_size=min(settings.db_pool_size, settings.worker_concurrency))
-    broker = await Broker.connect(settings)
-    connector = aiohttp.TCPConnector(
-        limit=(settings.worker_concurrency + settings.interactive_concurrency) * 2
-    )
-    metrics = Metrics()
+                                max_size=min(settings.db_pool_size, settings.worker_concurrency),
+                                timeout_s=settings.db_connect_timeout_s)
     try:
-        async with aiohttp.ClientSession(connector=connector) as session, \
-                metrics_server(settings, metrics):
-            provider_set = build_providers(settings, providers, session, metrics=metrics)
-            log.info("providers configured", providers=providers.names())
-            await Worker(settings, store, broker, provider_set, metrics=metrics).run(stop)
+        await require_schema(store)
+        broker = await Broker.connect(settings, role="worker")
+        connector = aiohttp.TCPConnector(
+            limit=(settings.worker_concurrency + settings.interactive_concurrency) * 2
+        )
+        metrics = Metrics()
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session, \
+                    metrics_server(settings, metrics):
+                provider_set = build_providers(settings, providers, session, metrics=metrics)
+                log.info("providers configured", providers=providers.names())
+                life.started = True
+                await Worker(settings, store, broker, provider_set, metrics=metrics).run(
+                    life.stop)
+        finally:
+            await broker.close()
     finally:
-        await broker.close()
         await store.close()
 
 
-async def _run_sweeper(settings: Settings) -> None:
-    stop = _stop_on_signals()
-    store = await Store.connect(settings.database_url, min_size=1, max_size=2)
-    metrics = Metrics()
+async def _run_sweeper(settings: Settings, life: Lifecycle) -> None:
+    """The sweeper and the reconciler: the maintenance process (any number of replicas)."""
+    store = await Store.connect(settings.database_url, min_size=1, max_size=4,
+                                timeout_s=settings.db_connect_timeout_s)
     try:
-        async with metrics_server(settings, metrics):
-            await Sweeper(settings, store, metrics).run(stop)
+        await require_schema(store)
+        broker = await Broker.connect(settings, role="sweeper")
+        metrics = Metrics()
+        try:
+            async with metrics_server(settings, metrics):
+                life.started = True
+                await asyncio.gather(
+                    Sweeper(settings, store, metrics).run(life.stop),
+                    Reconciler(settings, store, broker, metrics).run(life.stop),
+                )
+        finally:
+            await broker.close()
     finally:
         await store.close()
 
 
 def run_worker(settings: Settings) -> None:
-    runtime.run(_run_worker(settings))
+    runtime.serve(lambda life: _run_worker(settings, life))
 
 
 def run_sweeper(settings: Settings) -> None:
-    runtime.run(_run_sweeper(settings))
+    runtime.serve(lambda life: _run_sweeper(settings, life))

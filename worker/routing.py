@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
-
-import orjson
+from typing import Any, TypeVar
 
 from shared.jobs import JobEnvelope
 from shared.logging import get_logger
@@ -73,13 +72,56 @@ class ProviderEntry:
 
 
 def body_for_route(body: bytes, route: Route, client_model: str) -> bytes:
-    """The upstream body: the model without its prefix, and Ferry's own fields removed."""
-    if route.model == client_model and b'"fallbacks"' not in body:
+    """The upstream body: the client's bytes, with only the value of the top-level `model`
+    replaced when the route names another model (a provider prefix or an alias)."""
+    if route.model == client_model:
         return body  # the common case: forward the client's bytes untouched
-    data = orjson.loads(body)
-    data.pop("fallbacks", None)
-    data["model"] = route.model
-    return orjson.dumps(data)
+    return replace_model(body, route.model)
+
+
+_DECODER = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def replace_model(body: bytes, model: str) -> bytes:
+    """Replace the value of the top-level `model` key, leaving every other byte as it was:
+    numbers beyond 64 bits, key order, escapes and spacing stay exactly the client's. Scans
+    the top-level object with the standard library's scanner, which skips each value in C."""
+    try:
+        return _replace_model(body.decode("utf-8", "surrogatepass"), model)
+    except StopIteration:  # what the scanner raises where no value starts
+        raise ValueError("request body is not valid JSON") from None
+
+
+def _replace_model(text: str, model: str) -> bytes:
+    scan = _DECODER.scan_once  # type: ignore[attr-defined]
+    i = _skip(text, 0)
+    if text[i:i + 1] != "{":
+        raise ValueError("request body is not a JSON object")
+    i = _skip(text, i + 1)
+    span: tuple[int, int] | None = None
+    while text[i:i + 1] != "}":
+        key, i = scan(text, i)
+        i = _skip(text, i)
+        if text[i:i + 1] != ":":
+            raise ValueError("malformed JSON object")
+        start = _skip(text, i + 1)
+        _, end = scan(text, start)
+        if key == "model":
+            span = (start, end)  # the last one wins, as in every JSON parser
+        i = _skip(text, end)
+        if text[i:i + 1] == ",":
+            i = _skip(text, i + 1)
+    if span is None:
+        raise ValueError("request body has no model")
+    replaced = text[:span[0]] + json.dumps(model) + text[span[1]:]
+    return replaced.encode("utf-8", "surrogatepass")
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _WS:
+        i += 1
+    return i
 
 
 def parse_route(text: str) -> Route:
@@ -98,21 +140,26 @@ class ProviderSet:
         return [primary, *(parse_route(f) for f in envelope.fallbacks)]
 
     async def call(self, envelope: JobEnvelope, operation: Operation[T], attempts: Attempts,
-                   *, max_inline_wait: float | None = None) -> tuple[T, Route]:
+                   *, prior: int = 0, max_inline_wait: float | None = None) -> tuple[T, Route]:
         """Run `operation` on the primary route with its retry policy, then on each fallback
-        while the failure is retryable. `attempts` counts calls over all routes."""
+        while the failure is retryable. `attempts` counts calls over all routes; `prior` is
+        the calls made for this job before (a delayed retry resumes its count)."""
         routes = self.routes(envelope)
-        ctx = CallContext(envelope.anthropic_version, envelope.anthropic_beta)
+        ctx = CallContext(envelope.forward_headers, envelope.query)
         for index, route in enumerate(routes):
             entry = self._entries.get(route.provider)
             if entry is None:
                 raise ProviderError(400, "invalid_request_error",
                                     f"provider {route.provider!r} is not configured")
-            body = body_for_route(envelope.body, route, envelope.model)
+            try:
+                body = body_for_route(envelope.body, route, envelope.model)
+            except ValueError as exc:
+                raise ProviderError(400, "invalid_request_error",
+                                    f"request body: {exc}") from None
             # Only a job with a single route is parked for a long wait (its fallbacks are the
             # better use of the time otherwise); a parked job resumes its count.
             single = len(routes) == 1
-            route_attempts = Attempts(envelope.attempt if single else 0)
+            route_attempts = Attempts(prior if single else 0)
             last = index == len(routes) - 1
             try:
                 result = await call_with_retries(
@@ -129,11 +176,24 @@ class ProviderSet:
                          next=str(routes[index + 1]))
                 self._metrics.provider_fallbacks.labels(route.provider).inc()
             finally:
-                made = route_attempts.count - (envelope.attempt if single else 0)
+                made = route_attempts.count - (prior if single else 0)
                 attempts.count += made
                 if made > 1:
                     self._metrics.provider_retries.labels(route.provider).inc(made - 1)
         raise AssertionError("unreachable: routes is never empty")
+
+    async def list_models(self, _requested: str | None = None) -> dict[str, list[Any]]:
+        """Every provider's own model list (an unreachable provider lists nothing)."""
+        out: dict[str, list[Any]] = {}
+        for name, entry in self._entries.items():
+            try:
+                out[name] = await entry.provider.list_models(
+                    CallContext(api_key=entry.keys.pick()))
+            except ProviderError as exc:
+                log.warning("could not list a provider's models", provider=name,
+                            status=exc.status, error=exc.message)
+                out[name] = []
+        return out
 
     async def _once(self, entry: ProviderEntry, operation: Operation[T], body: bytes,
                     ctx: CallContext) -> T:

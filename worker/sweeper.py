@@ -26,24 +26,22 @@ class Sweeper:
     async def sweep_once(self) -> int | None:
         """One pass: delete every expired result, batch by batch. None if another replica
         holds the lock."""
-        async with self._store.connection() as conn:
-            if not await self._store.try_sweeper_lock(conn, SWEEPER_LOCK_KEY):
+        async with self._store.advisory_lock(SWEEPER_LOCK_KEY) as mine:
+            if not mine:
                 return None
-            try:
-                deleted = await self._drain(self._store.sweep_expired)
-                self._metrics.swept.inc(deleted)
-                pruned = 0
-                if self._settings.history_retention_days:
-                    retention_s = self._settings.history_retention_days * 86400
-                    pruned = await self._drain(
-                        lambda batch: self._store.prune_history(retention_s, batch))
-                    self._metrics.history_pruned.inc(pruned)
-            finally:
-                await self._store.release_sweeper_lock(conn, SWEEPER_LOCK_KEY)
+            deleted = await self._drain(self._store.sweep_expired)
+            self._metrics.swept.inc(deleted)
+            keys = await self._drain(self._store.sweep_idempotency_keys)
+            pruned = 0
+            if self._settings.history_retention_days:
+                retention_s = self._settings.history_retention_days * 86400
+                pruned = await self._drain(
+                    lambda batch: self._store.prune_history(retention_s, batch))
+                self._metrics.history_pruned.inc(pruned)
         self.deleted_total += deleted
-        if deleted or pruned:
+        if deleted or pruned or keys:
             log.info("sweep done", results_deleted=deleted, history_pruned=pruned,
-                     results_deleted_total=self.deleted_total)
+                     idempotency_keys_deleted=keys, results_deleted_total=self.deleted_total)
         return deleted
 
     async def _drain(self, delete_batch: Callable[[int], Awaitable[int]]) -> int:

@@ -1,9 +1,19 @@
 """The worker loop: consume jobs (and interactive requests, see interactive.py), call the
 provider, store the outcome, then ack.
 
+The job row is the truth; a message only says "look at this job". For each delivery:
+1. claim the row: it becomes this worker's, with a lease the worker extends while it runs.
+   A row that is finished, missing, or parked for later needs nothing: ack. A row another
+   worker holds: wait until its lease runs out (that worker died) and take it over, or, if
+   the lease keeps moving (it is alive), ack this duplicate.
+2. call the provider within the job's deadline, then write the outcome (or park the job in a
+   delay queue for a later attempt), then ack.
+Store calls that fail because the database is away are retried with backoff while the message
+is held: an outage never uses up a job's attempts. Attempts and take-overs are counted in the
+row, not by the broker, so RabbitMQ 3.x and 4.x behave the same.
+
 Lifecycle: prefetch = concurrency, one task per message. On SIGTERM stop taking messages, let
-in-flight calls finish within the grace period, then cancel the rest and nack them so another
-worker gets them. A message is acked only after its outcome is committed.
+in-flight jobs finish within the grace period, then cancel the rest and hand them back.
 """
 
 from __future__ import annotations
@@ -11,21 +21,25 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
 import socket
-from collections.abc import Coroutine
-from typing import Any
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from shared.broker import Broker, job_envelope
+from shared.broker import Broker, job_envelope, settle
+from shared.errors import Unavailable
 from shared.jobs import JobEnvelope, format_job_id
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
-from shared.settings import Settings
-from shared.store import Outcome, Store
+from shared.settings import CONSUMER_TIMEOUT_MARGIN_S, Settings
+from shared.store import Claim, Outcome, Store, StoreUnavailable
 from worker.history import HistoryWriter
 from worker.interactive import InteractiveRunner
 from worker.providers.base import ProviderError, ProviderResponse
@@ -34,13 +48,28 @@ from worker.routing import ProviderSet, create_message
 
 log = get_logger("ferry.worker")
 
-# The api commits the job row right after the broker confirms the message, so a fast worker
-# can see the message before the row: look again briefly before calling it an orphan.
-_MISSING_ROW_WAITS = (0.05, 0.2, 0.5, 1.0)
+T = TypeVar("T")
+Settle = Literal["ack", "nack"]
+
+_STORE_RETRY_FIRST_S = 0.2
+_STORE_RETRY_MAX_S = 5.0
 
 
 def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # The suffix keeps ids unique where pids repeat (every container's worker is pid 1).
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
+@dataclass
+class _Job:
+    """A job this worker is running, and every delivery of it that it holds (a redelivered
+    copy arriving meanwhile is settled together with the first)."""
+
+    received: float
+    messages: list[AbstractIncomingMessage]
+    claimed: bool = False
+    attempts: Attempts = field(default_factory=Attempts)
+    task: asyncio.Task[None] | None = None
 
 
 class Worker:
@@ -53,42 +82,53 @@ class Worker:
         self._providers = providers
         self.worker_id = worker_id or default_worker_id()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs: dict[uuid.UUID, _Job] = {}
         self._history = HistoryWriter(store)
         self._metrics = metrics or Metrics()
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
-        consumers = []
+        structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
         history_stop = asyncio.Event()
-        history_task = asyncio.create_task(self._history.run(history_stop))
+        side_tasks = {
+            asyncio.create_task(self._history.run(history_stop), name="history"),
+            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+        }
         if "async" in s.worker_lanes:
-            consumers.append(await self._broker.consume_jobs(
-                self._on_message, prefetch=s.worker_concurrency))
+            await self._broker.consume_jobs(self._on_message, prefetch=s.worker_concurrency)
         if "interactive" in s.worker_lanes:
-            runner = InteractiveRunner(self._providers, self._history,
-                                       await self._broker.reply_channel(), self.worker_id,
+            runner = InteractiveRunner(s, self._providers, self._history, self._broker,
+                                       self.worker_id,
                                        lambda coro: self._spawn(coro, "interactive"),
                                        self._metrics)
             await self._broker.consume_cancels(runner.on_cancel)
-            consumers.append(await self._broker.consume_interactive(
-                runner.on_message, prefetch=s.interactive_concurrency))
-        log.info("worker consuming", worker_id=self.worker_id,
-                 queues=[queue.name for queue, _ in consumers],
+            await self._broker.consume_interactive(runner.on_message,
+                                                   prefetch=s.interactive_concurrency)
+        log.info("worker consuming", lanes=sorted(s.worker_lanes),
                  concurrency=s.worker_concurrency, interactive=s.interactive_concurrency)
-        await stop.wait()
-        log.info("worker stopping", worker_id=self.worker_id, in_flight=len(self._tasks))
-        for queue, tag in consumers:
-            await queue.cancel(tag)
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopped, *side_tasks},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stopped}:  # a side task died: say why, and stop
+            log.error("worker side task ended; stopping", task=task.get_name(),
+                      error=repr(task.exception()) if not task.cancelled() else "cancelled")
+        stopped.cancel()
+        log.info("worker stopping", in_flight=len(self._tasks))
+        await self._broker.stop_consuming()
         await self._drain(s.shutdown_grace_s)
         history_stop.set()
-        await history_task
-        log.info("worker stopped", worker_id=self.worker_id)
+        for task in side_tasks:
+            if task.get_name() != "history":
+                task.cancel()
+        await asyncio.gather(*side_tasks, return_exceptions=True)
+        log.info("worker stopped")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], lane: str = "async") -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         gauge = self._metrics.in_flight.labels(lane)
         gauge.inc()
+
         def done(finished: asyncio.Task[None]) -> None:
             self._tasks.discard(finished)
             gauge.dec()
@@ -100,96 +140,193 @@ class Worker:
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
-                task.cancel()  # the task nacks its message on cancellation
+                task.cancel()  # the task hands its job back on cancellation
             if pending:
                 await asyncio.wait(pending)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._spawn(self._handle(message))
+    async def _heartbeat(self) -> None:
+        """Extend the leases of the jobs this worker runs, every third of a lease."""
+        s = self._settings
+        while True:
+            await asyncio.sleep(s.lease_s / 3)
+            ids = [job_id for job_id, job in self._jobs.items() if job.claimed]
+            if not ids:
+                continue
+            try:
+                lost = await self._store.extend_leases(ids, self.worker_id, s.lease_s)
+            except StoreUnavailable:
+                log.warning("could not extend leases; the database is unavailable",
+                            jobs=len(ids))
+                continue
+            for job_id in lost & set(self._jobs):
+                log.warning("lost the lease on a running job; another worker may take it",
+                            job_id=format_job_id(job_id))
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        structlog.contextvars.bind_contextvars(worker_id=self.worker_id)
+    # --- one delivery ----------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
             envelope = job_envelope(message)
         except ValueError as exc:
             log.error("undecodable job message, dead-lettering", error=str(exc))
-            await message.reject(requeue=False)
+            await settle(message.reject(requeue=False))
             return
-        structlog.contextvars.bind_contextvars(job_id=format_job_id(envelope.job_id))
+        job = self._jobs.get(envelope.job_id)
+        if job is not None:
+            job.messages.append(message)
+            return
+        job = _Job(time.monotonic(), [message])
+        self._jobs[envelope.job_id] = job
+        job.task = self._spawn(self._handle(job, envelope))
+
+    async def _handle(self, job: _Job, envelope: JobEnvelope) -> None:
+        structlog.contextvars.bind_contextvars(
+            worker_id=self.worker_id, job_id=format_job_id(envelope.job_id),
+            request_id=envelope.request_id)
         try:
-            await self._process(message, envelope)
+            action = await self._process(job, envelope)
         except asyncio.CancelledError:
-            await _settle(message.nack(requeue=True))
-            log.info("job handed back to the queue")
+            await asyncio.shield(self._hand_back(job, envelope))
             raise
         except Exception:
-            # The store or broker failed under us: give it a moment, then let the queue
-            # redeliver; x-delivery-limit bounds how often.
-            log.exception("job processing failed; requeueing")
-            await asyncio.sleep(random.uniform(0.5, 2.0))
-            await _settle(message.nack(requeue=True))
+            log.exception("job processing failed unexpectedly")
+            action = await self._fail_internal(job, envelope)
+        # A copy delivered from here on is handled afresh (and finds the job finished).
+        self._jobs.pop(envelope.job_id, None)
+        for message in job.messages:
+            await settle(message.ack() if action == "ack" else message.nack(requeue=True))
 
-    async def _process(self, message: AbstractIncomingMessage, envelope: JobEnvelope) -> None:
-        claim = await self._store.claim(envelope.job_id, self.worker_id)
-        for wait in _MISSING_ROW_WAITS:
-            if claim is not None:
-                break
-            await asyncio.sleep(wait)
-            claim = await self._store.claim(envelope.job_id, self.worker_id)
+    async def _process(self, job: _Job, envelope: JobEnvelope) -> Settle:
+        claim = await self._claim(job, envelope)
         if claim is None:
-            log.warning("job message without a job row (submit was rolled back); dead-lettering")
-            await message.reject(requeue=False)
-            return
-        if claim.status in ("completed", "failed"):
-            log.info("redelivered job already finished", status=claim.status)
-            await message.ack()
-            return
-        returned = _times_returned(message)
-        if returned >= self._settings.delivery_limit - 1:
-            # Workers died or were stopped under this job every time: it may be what kills
-            # them. Fail it visibly before the broker dead-letters it with the row stuck in
-            # `processing`. (A delayed retry is a new message: it does not count here.)
-            error = ProviderError(500, "api_error", f"the job was picked up {returned + 1}"
-                                  " times without finishing; giving up", retryable=False)
-            await self._store.finish(envelope.job_id, _failure(error, attempts=0))
-            await message.ack()
-            log.error("job failed after repeated deliveries", deliveries=returned + 1)
-            return
-
-        try:
-            outcome = await self._call(envelope)
-        except RetryLater as later:
-            # Waiting here would hold a slot for nothing: park the job in a delay queue.
-            await self._broker.publish_delayed(
-                envelope.model_copy(update={"attempt": envelope.attempt + later.attempts}),
-                later.delay,
-            )
-            await self._store.release(envelope.job_id, later.attempts)
-            await message.ack()
-            log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
-                     status=later.status)
-            return
-        finished = await self._store.finish(envelope.job_id, outcome)
-        await message.ack()
+            return "ack"
+        job.claimed = True
+        if claim.abandoned >= self._settings.delivery_limit:
+            # Workers stopped under this job every time: it may be what kills them.
+            error = ProviderError(500, "api_error", "the job was taken over from a worker that "
+                                  f"stopped under it {claim.abandoned} times; giving up",
+                                  retryable=False)
+            await self._store_call(job, lambda: self._store.finish(
+                envelope.job_id, _failure(error, attempts=0)))
+            log.error("job failed after repeated take-overs", abandoned=claim.abandoned)
+            return "ack"
+        outcome = await self._call(job, envelope, claim)
+        if outcome is None:
+            return "ack"  # parked for a delayed retry
+        first = await self._store_call(job, lambda: self._store.finish(envelope.job_id, outcome))
         self._metrics.jobs_finished.labels("async", outcome.status).inc()
         log.info("job finished", status=outcome.status, attempts=outcome.attempts,
-                 http_status=outcome.http_status, first=finished)
+                 http_status=outcome.http_status, provider=outcome.served_provider,
+                 first=first)
+        return "ack"
 
-    async def _call(self, envelope: JobEnvelope) -> Outcome:
-        attempts = Attempts()
+    async def _claim(self, job: _Job, envelope: JobEnvelope) -> Claim | None:
+        """The claimed job, or None when this delivery needs nothing more than an ack."""
+        s = self._settings
+        claim = await self._store_call(
+            job, lambda: self._store.claim(envelope.job_id, self.worker_id, s.lease_s))
+        seen_lease = None
+        while claim.state == "held":
+            if seen_lease is not None and claim.lease_until != seen_lease:
+                log.info("duplicate delivery: another worker is running the job",
+                         holder=claim.holder)
+                return None
+            seen_lease = claim.lease_until
+            # Its worker may be dead (the broker redelivered its message): wait for the lease
+            # to run out, then take the job over.
+            await asyncio.sleep(min(max(claim.lease_remaining_s, 0.0) + random.uniform(0.2, 1),
+                                    s.lease_s + 1))
+            claim = await self._store_call(
+                job, lambda: self._store.claim(envelope.job_id, self.worker_id, s.lease_s))
+        if claim.state == "missing":
+            log.warning("job message without a job row (its submit was withdrawn); dropped")
+        elif claim.state == "finished":
+            log.info("redelivered job already finished", status=claim.status)
+        elif claim.state == "parked":
+            log.info("early copy of a parked job's message; dropped")
+        if claim.state != "claimed":
+            return None
+        if claim.abandoned:
+            log.warning("took over a job from a worker that stopped", abandoned=claim.abandoned)
+        return claim
+
+    async def _call(self, job: _Job, envelope: JobEnvelope, claim: Claim) -> Outcome | None:
+        """The provider's answer as an outcome, or None when the job was parked."""
+        s = self._settings
+        remaining = job.received + s.job_deadline_s - time.monotonic()
         try:
-            response, route = await self._providers.call(
-                envelope, create_message, attempts,
-                max_inline_wait=self._settings.inline_retry_max_s,
-            )
+            async with asyncio.timeout(max(remaining, 0.0)):
+                response, route = await self._providers.call(
+                    envelope, create_message, job.attempts, prior=claim.attempts,
+                    max_inline_wait=s.inline_retry_max_s)
         except RetryLater as later:
-            later.attempts = attempts.count
-            raise
+            # Waiting here would hold a slot for nothing: park the job in a delay queue.
+            await self._park(job, envelope, later)
+            return None
         except ProviderError as exc:
             log.info("provider call failed", status=exc.status, error_type=exc.error_type,
-                     attempts=attempts.count)
-            return _failure(exc, attempts.count)
-        return _success(response, attempts.count, route)
+                     attempts=job.attempts.count)
+            return _failure(exc, job.attempts.count)
+        except TimeoutError:
+            error = ProviderError(504, "timeout_error", "the job did not finish within "
+                                  f"{s.job_deadline_s:g} s (FERRY_JOB_DEADLINE)")
+            return _failure(error, job.attempts.count)
+        return _success(response, job.attempts.count, route)
+
+    async def _park(self, job: _Job, envelope: JobEnvelope, later: RetryLater) -> None:
+        made = job.attempts.count
+        await self._with_store_retry(job, lambda: self._broker.publish_delayed(envelope,
+                                                                             later.delay))
+        await self._store_call(job, lambda: self._store.park(
+            envelope.job_id, self.worker_id, made, later.delay))
+        log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
+                 status=later.status, attempts=made)
+
+    async def _hand_back(self, job: _Job, envelope: JobEnvelope) -> None:
+        """Shutdown past the grace period: the job is pending again for the next worker."""
+        if job.claimed:
+            try:
+                await asyncio.wait_for(self._store.release(
+                    envelope.job_id, self.worker_id, job.attempts.count), 5)
+            except (StoreUnavailable, TimeoutError):
+                pass  # its lease runs out instead
+        for message in job.messages:
+            await settle(message.nack(requeue=True))
+        self._jobs.pop(envelope.job_id, None)
+        log.info("job handed back to the queue")
+
+    async def _fail_internal(self, job: _Job, envelope: JobEnvelope) -> Settle:
+        """A bug met while running the job: fail it visibly rather than redeliver it forever."""
+        error = ProviderError(500, "api_error", "internal error in the worker", retryable=False)
+        try:
+            await asyncio.wait_for(self._store.finish(
+                envelope.job_id, _failure(error, job.attempts.count)), 10)
+        except Exception:
+            log.exception("could not fail the job; handing it back")
+            return "nack"
+        return "ack"
+
+    # --- retrying store (and broker) calls -------------------------------------------------
+
+    async def _store_call(self, job: _Job, call: Callable[[], Awaitable[T]]) -> T:
+        return await self._with_store_retry(job, call)
+
+    async def _with_store_retry(self, job: _Job, call: Callable[[], Awaitable[T]]) -> T:
+        """Retry while the database (or broker) is away, with backoff, until shortly before the
+        broker would take the message back (its consumer timeout)."""
+        s = self._settings
+        deadline = job.received + s.job_deadline_s + CONSUMER_TIMEOUT_MARGIN_S / 2
+        delay = _STORE_RETRY_FIRST_S
+        while True:
+            try:
+                return await call()
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("dependency unavailable; retrying", error=exc.message,
+                            retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, _STORE_RETRY_MAX_S)
 
 
 def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome:
@@ -205,20 +342,5 @@ def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome
 
 
 def _failure(exc: ProviderError, attempts: int) -> Outcome:
-    return Outcome(status="failed", body=exc.envelope().to_json(), attempts=attempts,
+    return Outcome(status="failed", body=exc.to_json(), attempts=attempts,
                    http_status=exc.status, error_type=exc.error_type)
-
-
-def _times_returned(message: AbstractIncomingMessage) -> int:
-    """How often the broker got this message back unacked (quorum queues count it)."""
-    count = (message.headers or {}).get("x-delivery-count", 0)
-    return count if isinstance(count, int) else 0
-
-
-async def _settle(action: object) -> None:
-    """Ack/nack on a channel that may already be closed (the broker then redelivers anyway)."""
-    try:
-        await action  # type: ignore[misc]
-    except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError,
-            ConnectionError, RuntimeError) as exc:
-        log.warning("could not settle message; the broker will redeliver it", error=str(exc))

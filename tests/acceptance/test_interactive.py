@@ -183,10 +183,16 @@ async def test_the_sse_bytes_are_the_providers(ferry: Stack) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
+@pytest.mark.parametrize(("directive", "calls"), [
+    # Ferry retries a rate limit itself, then tells the SDK not to retry on top of that.
+    pytest.param("[[fake:status=429,retry_after=0]]", MAX_ATTEMPTS, id="retried"),
+    # A 429 without retry-after is a spend cap: no retry lifts it, Ferry's or the SDK's.
+    pytest.param("[[fake:status=429]]", 1, id="spend_cap"),
+])
 async def test_a_rate_limited_provider_is_a_rate_limit_error(
-    ferry: Stack, client: anthropic.AsyncAnthropic, stream: bool
+    ferry: Stack, client: anthropic.AsyncAnthropic, stream: bool, directive: str, calls: int
 ) -> None:
-    text = unique("[[fake:status=429]] too many")
+    text = unique(f"{directive} too many")
     with pytest.raises(anthropic.RateLimitError) as raised:
         if stream:
             async with client.messages.stream(model=MODEL, max_tokens=64,
@@ -195,9 +201,13 @@ async def test_a_rate_limited_provider_is_a_rate_limit_error(
         else:
             await create(client, text)
     assert raised.value.status_code == 429
-    assert raised.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+    body = dict(raised.value.body)  # type: ignore[call-overload]
+    assert body.pop("request_id", None) == raised.value.response.headers["request-id"]
+    assert body == {"type": "error", "error": {
         "type": "rate_limit_error", "message": "fake provider failure 429"}}
-    assert len(await fake_calls(ferry.fake_url, text)) == MAX_ATTEMPTS
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert raised.value.response.headers["x-ferry-request-id"].startswith("req_")
+    assert len(await fake_calls(ferry.fake_url, text)) == calls
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])

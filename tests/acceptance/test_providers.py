@@ -48,6 +48,10 @@ keys = [{{ key = "sk-a", weight = 1 }}, {{ key = "sk-b", weight = 1 }}]
 [providers.backup]
 type = "anthropic"
 base_url = "{recorder.url}"
+
+[models.smart]
+route = "backup/claude-smart"
+fallbacks = ["openai/gpt-4o"]
 """
 
 
@@ -158,9 +162,10 @@ async def test_async_jobs_go_to_the_models_provider(
 
 
 async def submit_to(client: anthropic.AsyncAnthropic, text: str, model: str,
-                    **extra: Any) -> Message:
+                    extra_headers: dict[str, str] | None = None, **extra: Any) -> Message:
     return await client.messages.create(model=model, max_tokens=256, messages=user(text),
-                                        extra_headers={"x-bf-async": "true"}, **extra)
+                                        extra_headers={"x-bf-async": "true",
+                                                       **(extra_headers or {})}, **extra)
 
 
 async def test_an_unknown_provider_is_a_bad_request_listing_the_configured_ones(
@@ -175,9 +180,10 @@ async def test_an_unknown_provider_is_a_bad_request_listing_the_configured_ones(
                    "configured providers: anthropic, backup, openai",
     }
     with pytest.raises(anthropic.BadRequestError) as raised:
-        await submit_to(client, text, "claude-x", extra_body={"fallbacks": ["mistral/large"]})
+        await submit_to(client, text, "claude-x",
+                        extra_headers={"x-ferry-fallbacks": "mistral/large"})
     assert raised.value.body["error"]["message"].startswith(  # type: ignore[index]
-        "fallbacks.0: provider 'mistral' is not configured")
+        "x-ferry-fallbacks fallback 'mistral/large': provider 'mistral' is not configured")
     assert await fake_calls(ferry.fake_url, text) == []
 
 
@@ -228,13 +234,13 @@ async def test_a_failing_primary_falls_back_in_sync_and_async(
     ferry: Stack, client: anthropic.AsyncAnthropic
 ) -> None:
     model = unique_model("claude-x")
-    fallbacks = {"fallbacks": ["openai/gpt-4o"]}
+    fallbacks = {"x-ferry-fallbacks": "openai/gpt-4o"}
     sync_text = unique(f"[[fake:status=503,fail_model={model}]] plan b")
     async_text = unique(f"[[fake:status=503,fail_model={model}]] plan b later")
 
-    message = await create(client, sync_text, model, extra_body=fallbacks)
+    message = await create(client, sync_text, model, extra_headers=fallbacks)
     assert message.content[0].text == echo(sync_text)  # type: ignore[union-attr]
-    job = await submit_to(client, async_text, model, extra_body=fallbacks)
+    job = await submit_to(client, async_text, model, extra_headers=fallbacks)
     assert (await result(client, job.id)).content[0].text == echo(async_text)  # type: ignore[union-attr]
 
     for text in (sync_text, async_text):
@@ -255,19 +261,22 @@ async def test_a_failing_primary_falls_back_in_sync_and_async(
         "completed", "openai", "gpt-4o")
 
 
-async def test_the_fallbacks_field_never_reaches_the_upstream(
+async def test_anthropics_own_fallbacks_field_is_forwarded_untouched(
     ferry: Stack, client: anthropic.AsyncAnthropic, recorder: Recorder
 ) -> None:
-    model = unique_model("claude-x")
-    text = unique(f"[[fake:status=503,fail_model={model}]] strip it")
-    message = await create(client, text, f"backup/{model}",
-                           extra_body={"fallbacks": ["openai/gpt-4o"], "temperature": 0.5})
+    """`fallbacks` in the body is Anthropic's (a beta): Ferry's chain comes from the alias
+    (`smart` -> backup/claude-smart, then openai/gpt-4o), the body reaches the upstream with
+    only its model rewritten."""
+    text = unique("[[fake:status=503,fail_model=claude-smart]] keep it")
+    theirs = [{"model": "claude-haiku-4-5"}, "default"]
+    message = await create(client, text, "smart",
+                           extra_body={"fallbacks": theirs, "temperature": 0.5})
     assert message.content[0].text == echo(text)  # type: ignore[union-attr]
     bodies = recorder.for_text(text)
     assert len(bodies) == MAX_ATTEMPTS  # each attempt on the primary, as the upstream saw it
     for body in bodies:
-        assert body == {"model": model, "max_tokens": 256, "temperature": 0.5,
-                        "messages": [{"role": "user", "content": text}]}
+        assert body == {"model": "claude-smart", "max_tokens": 256, "temperature": 0.5,
+                        "fallbacks": theirs, "messages": [{"role": "user", "content": text}]}
     assert [c["path"] for c in await fake_calls(ferry.fake_url, text)] == (
         [ANTHROPIC_PATH] * MAX_ATTEMPTS + [OPENAI_PATH])
 
@@ -325,7 +334,7 @@ async def test_slow_a_long_retry_after_parks_the_async_job_in_the_delay_tier(
                 and row["status"] == "pending" and row["deliveries"] == 1)
 
     await eventually(parked, timeout=10, what="the job to be parked after the 429")
-    assert await queue_depth(ferry, "jobs.delay.10s") == 1
+    assert await queue_depth(ferry, "jobs.retry.10s") == 1
     status, _ = await poll(client, job.id)
     assert status == "pending"
 
@@ -335,9 +344,5 @@ async def test_slow_a_long_retry_after_parks_the_async_job_in_the_delay_tier(
     assert [c["status"] for c in await fake_calls(ferry.fake_url, text)] == [429, 200]
     row = await job_row(ferry.database_url, job.id)
     assert row is not None
-    assert (row["status"], row["deliveries"]) == ("completed", 2)
-    if row["attempts"] != 2:  # docs/reporting.md: provider calls made, retries included
-        # Everything above passed; only the count is wrong. When Ferry is fixed this passes.
-        pytest.xfail(f"Ferry bug: jobs.attempts is {row['attempts']} after 2 provider calls: "
-                     "the call made before parking is never added (worker/worker.py "
-                     "RetryLater branch -> Store.release records no attempts)")
+    # docs/reporting.md: provider calls made, retries included (the one before parking too)
+    assert (row["status"], row["deliveries"], row["attempts"]) == ("completed", 2, 2)

@@ -60,7 +60,7 @@ async def _fill(stack: Stack) -> None:
                                      messages=user(unique("stream"))) as s:
         await s.get_final_message()
     await alice.messages.create(
-        model=MODEL, max_tokens=64, extra_body={"fallbacks": ["backup/claude-b"]},
+        model=MODEL, max_tokens=64, extra_headers={"x-ferry-fallbacks": "backup/claude-b"},
         messages=user(unique("[[fake:status=503,fail_model=claude-ferry-test]] fb")))
     # Sync and stream rows are written in batches off the request path.
     await eventually(lambda: _finished_is(stack.database_url, 8),

@@ -63,14 +63,16 @@ async def dead_letters(settings: Callable[..., Settings],
 
 
 async def submit(store: Store, broker: Broker, text: str, *, ttl: int = 3600,
-                 caller: bytes = CALLER) -> JobEnvelope:
-    """What the api does on submit: the row commits once the broker confirmed the message."""
+                 caller: bytes = CALLER, publish: bool = True) -> JobEnvelope:
+    """What the api does on submit: commit the job and its message, publish, mark it."""
     job_id = new_job_id()
     envelope = JobEnvelope(job_id=job_id, model=MODEL, body=request_body(text))
     job = NewJob(id=job_id, caller_hash=caller, mode="async", model=MODEL, provider="anthropic",
-                 ttl_seconds=ttl, upstream_model=MODEL)
-    async with store.submitting(job):
+                 ttl_seconds=ttl, message=envelope.encode(), upstream_model=MODEL)
+    assert await store.insert_jobs([job]) == [None]
+    if publish:
         await broker.publish_job(envelope)
+        await store.mark_published([job_id])
     return envelope
 
 
@@ -87,10 +89,10 @@ class ObservedStore(Store):
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool)
-        self.claims: list[tuple[uuid.UUID, Claim | None]] = []
+        self.claims: list[tuple[uuid.UUID, Claim]] = []
 
-    async def claim(self, job_id: uuid.UUID, worker_id: str) -> Claim | None:
-        result = await super().claim(job_id, worker_id)
+    async def claim(self, job_id: uuid.UUID, worker_id: str, lease_s: float) -> Claim:
+        result = await super().claim(job_id, worker_id, lease_s)
         self.claims.append((job_id, result))
         return result
 
@@ -129,13 +131,14 @@ async def start_worker(
     running: list[RunningWorker] = []
     numbers = itertools.count(1)
 
-    async def start(settings: Settings) -> RunningWorker:
+    async def start(settings: Settings,
+                    store_class: type[ObservedStore] = ObservedStore) -> RunningWorker:
         # The production wiring (providers from settings), with the upstream being the fake.
         settings = settings.model_copy(update={
             "anthropic_base_url": fake_provider, "anthropic_api_key": SecretStr(UPSTREAM_KEY),
         })
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=5)
-        store = ObservedStore(pool)
+        store = store_class(pool)
         broker = await Broker.connect(settings)
         session = aiohttp.ClientSession()
         providers = build_providers(settings, load_providers(settings), session,

@@ -78,6 +78,11 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("upstream_model", "text", "YES"),
         ("served_provider", "text", "YES"),
         ("served_model", "text", "YES"),
+        ("published_at", "timestamp with time zone", "YES"),
+        ("lease_until", "timestamp with time zone", "YES"),
+        ("not_before", "timestamp with time zone", "YES"),
+        ("abandoned", "integer", "NO"),
+        ("request_id", "text", "YES"),
     ]
 
 
@@ -97,7 +102,8 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     tables = await db.fetch(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
     )
-    assert {r["table_name"] for r in tables} == {"jobs", "job_results", "schema_migrations"}
+    assert {r["table_name"] for r in tables} == {
+        "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -108,7 +114,12 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("jobs", "jobs_model_submitted_at_idx"),
         ("jobs", "jobs_unfinished_idx"),
         ("jobs", "jobs_provider_submitted_at_idx"),
+        ("jobs", "jobs_unfinished_published_idx"),
         ("job_results", "job_results_pkey"),
+        ("job_payloads", "job_payloads_pkey"),
+        ("idempotency_keys", "idempotency_keys_pkey"),
+        ("idempotency_keys", "idempotency_keys_created_at_idx"),
+        ("idempotency_keys", "idempotency_keys_job_id_idx"),
         ("job_results", "job_results_expires_at_idx"),
         ("schema_migrations", "schema_migrations_pkey"),
     }

@@ -1,5 +1,5 @@
-"""The store against the real PostgreSQL: submit transactions, visibility, claim/finish
-idempotency, and the sweeper's batches and lock."""
+"""The store against the real PostgreSQL: the outbox, idempotent submits, visibility, claims
+with leases, the reconciler's repairs, and the sweeper's batches and lock."""
 
 from __future__ import annotations
 
@@ -11,28 +11,31 @@ import asyncpg
 import orjson
 import pytest
 
-from shared.errors import Overloaded
-from shared.jobs import caller_hash, new_job_id
+from shared.errors import Conflict
+from shared.jobs import JobEnvelope, caller_hash, new_job_id
 from shared.settings import Settings
-from shared.store import Claim, NewJob, Outcome, Store
+from shared.store import Claim, HistoryRow, NewJob, Outcome, Store, body_hash
 from tests.integration.conftest import CALLER
-from tests.support import MODEL
+from tests.support import MODEL, request_body
 from worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.integration
 
 OTHER_CALLER = caller_hash("key-b", None)
+LEASE = 30.0
 
 
-def new_job(ttl: int = 3600, caller: bytes = CALLER) -> NewJob:
-    return NewJob(id=new_job_id(), caller_hash=caller, mode="async", model=MODEL,
-                  provider="anthropic", ttl_seconds=ttl, upstream_model=MODEL)
+def new_job(ttl: int = 3600, caller: bytes = CALLER, model: str = MODEL) -> NewJob:
+    job_id = new_job_id()
+    message = JobEnvelope(job_id=job_id, model=model, body=request_body("hi")).encode()
+    return NewJob(id=job_id, caller_hash=caller, mode="async", model=model,
+                  provider="anthropic", ttl_seconds=ttl, message=message, upstream_model=model)
 
 
 async def add_job(store: Store, ttl: int = 3600, caller: bytes = CALLER) -> uuid.UUID:
     job = new_job(ttl, caller)
-    async with store.submitting(job):
-        pass
+    assert await store.insert_jobs([job]) == [None]
+    await store.mark_published([job.id])
     return job.id
 
 
@@ -54,7 +57,7 @@ def failed(status: int, error_type: str) -> Outcome:
 async def finish_job(store: Store, ttl: int = 3600, text: str = "done",
                      caller: bytes = CALLER) -> uuid.UUID:
     job_id = await add_job(store, ttl, caller)
-    assert await store.claim(job_id, "w1") is not None
+    assert (await store.claim(job_id, "w1", LEASE)).state == "claimed"
     assert await store.finish(job_id, completed(text)) is True
     return job_id
 
@@ -65,32 +68,85 @@ async def job_row(db: asyncpg.Connection, job_id: uuid.UUID) -> asyncpg.Record:
     return row
 
 
-# --- submit ----------------------------------------------------------------------------------
+async def expire_lease(db: asyncpg.Connection, job_id: uuid.UUID, ago_s: float = 60) -> None:
+    await db.execute("UPDATE jobs SET lease_until = now() - make_interval(secs => $2)"
+                     " WHERE id = $1", job_id, float(ago_s))
 
 
-async def test_submitting_commits_when_the_body_succeeds(store: Store,
-                                                         db: asyncpg.Connection) -> None:
+# --- submit: the outbox ----------------------------------------------------------------------
+
+
+async def test_insert_commits_the_job_and_its_message_unpublished(
+    store: Store, db: asyncpg.Connection
+) -> None:
     job = new_job(ttl=120)
-    async with store.submitting(job):
-        # Not visible to anyone else until the publish succeeded.
-        assert await db.fetchval("SELECT count(*) FROM jobs WHERE id = $1", job.id) == 0
+    assert await store.insert_jobs([job]) == [None]
     row = await job_row(db, job.id)
     assert (row["status"], row["mode"], row["model"], row["provider"], row["ttl_seconds"],
-            row["caller_hash"], row["deliveries"], row["attempts"]) == (
-        "pending", "async", MODEL, "anthropic", 120, CALLER, 0, 0)
-    assert row["submitted_at"] is not None and row["expires_at"] is None
+            row["caller_hash"], row["deliveries"], row["attempts"], row["published_at"]) == (
+        "pending", "async", MODEL, "anthropic", 120, CALLER, 0, 0, None)
+    assert await db.fetchval("SELECT message FROM job_payloads WHERE job_id = $1",
+                             job.id) == job.message
+    await store.mark_published([job.id])
+    assert (await job_row(db, job.id))["published_at"] is not None
 
 
-@pytest.mark.parametrize("error", [RuntimeError("publish failed"), Overloaded("queue full")])
-async def test_submitting_leaves_no_row_when_the_body_raises(
-    store: Store, db: asyncpg.Connection, error: Exception
-) -> None:
-    job = new_job()
-    with pytest.raises(type(error)) as raised:
-        async with store.submitting(job):
-            raise error
-    assert raised.value is error  # passed through untranslated
-    assert await db.fetchval("SELECT count(*) FROM jobs") == 0
+async def test_a_member_the_database_refuses_fails_alone(store: Store,
+                                                         db: asyncpg.Connection) -> None:
+    good = [new_job() for _ in range(3)]
+    bad = new_job(model="nul\u0000model")  # PostgreSQL text cannot hold a NUL
+    results = await store.insert_jobs([good[0], bad, good[1], good[2]])
+    assert [r is None for r in results] == [True, False, True, True]
+    assert results[1] is not None and results[1].status == 400
+    ids = {r["id"] for r in await db.fetch("SELECT id FROM jobs")}
+    assert ids == {j.id for j in good}
+
+
+async def test_withdraw_removes_only_jobs_no_worker_took(store: Store,
+                                                         db: asyncpg.Connection) -> None:
+    waiting, taken = await add_job(store), await add_job(store)
+    assert (await store.claim(taken, "w1", LEASE)).state == "claimed"
+    await store.withdraw([waiting, taken])
+    assert {r["id"] for r in await db.fetch("SELECT id FROM jobs")} == {taken}
+
+
+async def test_the_same_idempotency_key_names_the_same_job(store: Store,
+                                                            db: asyncpg.Connection) -> None:
+    first, again = new_job(), new_job()
+    fingerprint = body_hash(b"the request")
+    assert await store.insert_idempotent(first, "key-1", fingerprint) == (
+        first.id, "pending", True)
+    assert await store.insert_idempotent(again, "key-1", fingerprint) == (
+        first.id, "pending", False)
+    # Another caller's key of the same name is another job.
+    other = new_job(caller=OTHER_CALLER)
+    assert (await store.insert_idempotent(other, "key-1", fingerprint))[2] is True
+    with pytest.raises(Conflict, match="already used with a different request"):
+        await store.insert_idempotent(new_job(), "key-1", body_hash(b"another request"))
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 2
+
+
+async def test_concurrent_submits_with_one_key_make_one_job(store: Store,
+                                                            db: asyncpg.Connection) -> None:
+    jobs = [new_job() for _ in range(8)]
+    fingerprint = body_hash(b"same")
+    results = await asyncio.gather(*(store.insert_idempotent(j, "k", fingerprint) for j in jobs))
+    assert len({job_id for job_id, _, _ in results}) == 1
+    assert sum(created for _, _, created in results) == 1
+    assert await db.fetchval("SELECT count(*) FROM jobs") == 1
+
+
+async def test_an_idempotency_key_expires_after_a_day(store: Store,
+                                                      db: asyncpg.Connection) -> None:
+    first = new_job()
+    await store.insert_idempotent(first, "k", body_hash(b"x"))
+    await db.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+    later = new_job()
+    assert await store.insert_idempotent(later, "k", body_hash(b"y")) == (
+        later.id, "pending", True)
+    assert await store.sweep_idempotency_keys(100) == 0  # the old row was replaced
+    await db.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours'")
+    assert await store.sweep_idempotency_keys(100) == 1
 
 
 # --- get_job ---------------------------------------------------------------------------------
@@ -116,7 +172,7 @@ async def test_get_job_returns_the_stored_result_verbatim(store: Store) -> None:
 
 async def test_get_job_returns_a_failure_with_its_status(store: Store) -> None:
     job_id = await add_job(store)
-    await store.claim(job_id, "w1")
+    await store.claim(job_id, "w1", LEASE)
     assert await store.finish(job_id, failed(403, "permission_error"))
     view = await store.get_job(job_id, CALLER)
     assert view is not None
@@ -147,46 +203,90 @@ async def test_get_job_hides_a_swept_result(store: Store, db: asyncpg.Connection
     assert await store.get_job(job_id, CALLER) is None
 
 
-# --- claim / finish --------------------------------------------------------------------------
+# --- claims and leases -----------------------------------------------------------------------
 
 
-async def test_claim_marks_processing_and_counts_deliveries(store: Store,
-                                                            db: asyncpg.Connection) -> None:
+async def test_claim_takes_the_job_with_a_lease(store: Store, db: asyncpg.Connection) -> None:
     job_id = await add_job(store, ttl=60)
-    assert await store.claim(job_id, "w1") == Claim("processing", 1, 60)
-    first = await job_row(db, job_id)
-    assert (first["status"], first["worker_id"]) == ("processing", "w1")
-    assert first["started_at"] is not None
-
-    # A redelivery (the first worker died): counted, taken over, started_at kept.
-    assert await store.claim(job_id, "w2") == Claim("processing", 2, 60)
-    second = await job_row(db, job_id)
-    assert (second["worker_id"], second["started_at"]) == ("w2", first["started_at"])
+    claim = await store.claim(job_id, "w1", LEASE)
+    assert claim == Claim("claimed", "processing", attempts=0, abandoned=0, ttl_seconds=60)
+    row = await job_row(db, job_id)
+    assert (row["status"], row["worker_id"], row["deliveries"]) == ("processing", "w1", 1)
+    assert row["started_at"] is not None
+    lease = (row["lease_until"] - row["started_at"]).total_seconds()
+    assert LEASE - 5 < lease <= LEASE + 1
 
 
-async def test_claim_of_an_unknown_job_is_none(store: Store) -> None:
-    assert await store.claim(uuid.uuid4(), "w1") is None
+async def test_a_live_lease_holds_the_job_for_its_worker(store: Store) -> None:
+    job_id = await add_job(store)
+    await store.claim(job_id, "w1", LEASE)
+    held = await store.claim(job_id, "w2", LEASE)
+    assert (held.state, held.holder) == ("held", "w1")
+    assert 0 < held.lease_remaining_s <= LEASE
+    assert await store.extend_leases([job_id], "w1", LEASE) == set()
+    assert await store.extend_leases([job_id], "w2", LEASE) == {job_id}  # not w2's
 
 
-async def test_finish_records_the_outcome(store: Store, db: asyncpg.Connection) -> None:
+async def test_an_expired_lease_is_taken_over_and_counted(store: Store,
+                                                          db: asyncpg.Connection) -> None:
+    job_id = await add_job(store)
+    await store.claim(job_id, "w1", LEASE)
+    await expire_lease(db, job_id)
+    claim = await store.claim(job_id, "w2", LEASE)
+    assert (claim.state, claim.abandoned) == ("claimed", 1)
+    row = await job_row(db, job_id)
+    assert (row["worker_id"], row["deliveries"], row["abandoned"]) == ("w2", 2, 1)
+    assert await store.extend_leases([job_id], "w1", LEASE) == {job_id}  # w1 lost it
+
+
+async def test_claim_of_an_unknown_job_is_missing(store: Store) -> None:
+    assert (await store.claim(uuid.uuid4(), "w1", LEASE)).state == "missing"
+
+
+async def test_a_parked_job_is_not_claimed_before_it_is_due(store: Store,
+                                                            db: asyncpg.Connection) -> None:
+    job_id = await add_job(store)
+    await store.claim(job_id, "w1", LEASE)
+    await store.park(job_id, "w1", attempts=2, delay_s=30)
+    row = await job_row(db, job_id)
+    assert (row["status"], row["attempts"], row["lease_until"]) == ("pending", 2, None)
+    assert (await store.claim(job_id, "w2", LEASE)).state == "parked"
+    await db.execute("UPDATE jobs SET not_before = now() WHERE id = $1", job_id)
+    claim = await store.claim(job_id, "w2", LEASE)
+    assert (claim.state, claim.attempts, claim.abandoned) == ("claimed", 2, 0)
+
+
+async def test_release_hands_the_job_back_uncounted(store: Store,
+                                                    db: asyncpg.Connection) -> None:
+    job_id = await add_job(store)
+    await store.claim(job_id, "w1", LEASE)
+    await store.release(job_id, "w1", attempts=1)
+    claim = await store.claim(job_id, "w2", LEASE)
+    assert (claim.state, claim.attempts, claim.abandoned) == ("claimed", 1, 0)
+
+
+async def test_finish_records_the_outcome_and_drops_the_message(
+    store: Store, db: asyncpg.Connection
+) -> None:
     job_id = await add_job(store, ttl=90)
-    await store.claim(job_id, "w1")
+    await store.claim(job_id, "w1", LEASE)
     assert await store.finish(job_id, completed("x", attempts=2)) is True
     row = await job_row(db, job_id)
     assert (row["status"], row["attempts"], row["stop_reason"], row["input_tokens"],
             row["output_tokens"], row["cache_creation_input_tokens"],
-            row["cache_read_input_tokens"], row["http_status"], row["error_type"]) == (
-        "completed", 2, "end_turn", 3, 2, 0, 0, None, None)
+            row["cache_read_input_tokens"], row["http_status"], row["error_type"],
+            row["lease_until"]) == ("completed", 2, "end_turn", 3, 2, 0, 0, None, None, None)
     assert (row["expires_at"] - row["completed_at"]).total_seconds() == 90
     result = await db.fetchrow("SELECT body::text AS body, expires_at FROM job_results"
                                " WHERE job_id = $1", job_id)
     assert result["body"].encode() == completed("x").body
     assert result["expires_at"] == row["expires_at"]
+    assert await db.fetchval("SELECT count(*) FROM job_payloads") == 0
 
 
 async def test_finish_twice_keeps_the_first_result(store: Store, db: asyncpg.Connection) -> None:
     job_id = await add_job(store)
-    await store.claim(job_id, "w1")
+    await store.claim(job_id, "w1", LEASE)
     assert await store.finish(job_id, completed("first")) is True
     before = await job_row(db, job_id)
 
@@ -201,12 +301,73 @@ async def test_finish_twice_keeps_the_first_result(store: Store, db: asyncpg.Con
 async def test_claim_of_a_finished_job_changes_nothing(store: Store,
                                                        db: asyncpg.Connection) -> None:
     job_id = await add_job(store)
-    await store.claim(job_id, "w1")
+    await store.claim(job_id, "w1", LEASE)
     await store.finish(job_id, failed(400, "invalid_request_error"))
     before = await job_row(db, job_id)
-
-    assert await store.claim(job_id, "w2") == Claim("failed", 1, 3600)
+    assert await store.claim(job_id, "w2", LEASE) == Claim("finished", "failed")
     assert dict(await job_row(db, job_id)) == dict(before)
+
+
+# --- the reconciler's repairs ------------------------------------------------------------------
+
+
+async def test_unpublished_jobs_are_found_with_their_messages(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    fresh, old, published = new_job(), new_job(), await add_job(store)
+    await store.insert_jobs([fresh, old])
+    await db.execute("UPDATE jobs SET submitted_at = now() - interval '1 minute'"
+                     " WHERE id = ANY($1::uuid[])", [old.id, published])
+    assert await store.unpublished(15, 100) == [(old.id, old.message)]
+
+
+async def test_expired_leases_are_released_for_republishing(store: Store,
+                                                            db: asyncpg.Connection) -> None:
+    live, dead = await add_job(store), await add_job(store)
+    for job_id in (live, dead):
+        await store.claim(job_id, "w1", LEASE)
+    await expire_lease(db, dead)
+    assert await store.recover_expired_leases(10, 100) == [dead]
+    row = await job_row(db, dead)
+    assert (row["status"], row["published_at"], row["abandoned"]) == ("pending", None, 1)
+    assert (await job_row(db, live))["status"] == "processing"
+    assert [job_id for job_id, _ in await store.messages([dead])] == [dead]
+
+
+async def test_overdue_parked_and_stale_pending_jobs_are_released(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    parked, stale, recent = await add_job(store), await add_job(store), await add_job(store)
+    await store.claim(parked, "w1", LEASE)
+    await store.park(parked, "w1", 1, delay_s=10)
+    await db.execute("UPDATE jobs SET not_before = now() - interval '5 minutes' WHERE id = $1",
+                     parked)
+    await db.execute("UPDATE jobs SET published_at = now() - interval '1 hour' WHERE id = $1",
+                     stale)
+    assert await store.release_overdue_parked(60, 100) == [parked]
+    assert await store.release_stale_pending(600, 100) == [stale]
+    rows = {r["id"]: r for r in await db.fetch("SELECT * FROM jobs")}
+    assert rows[parked]["published_at"] is None and rows[parked]["not_before"] is None
+    assert rows[stale]["published_at"] is None
+    assert rows[recent]["published_at"] is not None
+
+
+async def test_history_rows_the_database_refuses_are_dropped_alone(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+
+    def row(model: str) -> HistoryRow:
+        return HistoryRow(uuid.uuid4(), CALLER, "sync", model, "anthropic", "completed", 1,
+                          "w1", None, None, "end_turn", 1, 1, "anthropic", model, model,
+                          now, now, now, "req_1")
+
+    rows = [row("a"), row("bad\u0000"), row("b")]
+    assert await store.record_history(rows) == 1
+    stored = {r["model"] for r in await db.fetch("SELECT model FROM jobs")}
+    assert stored == {"a", "b"}
 
 
 # --- sweeper ---------------------------------------------------------------------------------

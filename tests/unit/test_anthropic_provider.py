@@ -99,8 +99,9 @@ async def test_default_headers(
 async def test_client_version_and_beta_are_forwarded(
     provider: AnthropicProvider, http: ClientSession, base_url: str
 ) -> None:
-    ctx = CallContext(anthropic_version="2024-01-01",
-                      anthropic_beta="prompt-caching-2024-07-31,files-api-2025-04-14")
+    ctx = CallContext(forward_headers=(
+        ("anthropic-version", "2024-01-01"),
+        ("anthropic-beta", "prompt-caching-2024-07-31,files-api-2025-04-14")))
     await provider.create_message(body("hi"), ctx)
     [call] = await fake_calls(http, base_url)
     assert call["headers"] == {
@@ -183,7 +184,7 @@ async def test_timeout_is_a_retryable_504(
         await slow.create_message(body("[[fake:delay=2]] hi"), CallContext())
     err = info.value
     assert (err.status, err.error_type, err.message) == (
-        504, "timeout_error", "the provider did not answer in time",
+        504, "timeout_error", "provider `anthropic` did not answer in time",
     )
     assert err.retryable is True
 
@@ -195,7 +196,9 @@ async def test_connection_refused_is_a_retryable_502(http: ClientSession) -> Non
         await gone.create_message(body("hi"), CallContext())
     err = info.value
     assert (err.status, err.error_type) == (502, "api_error")
-    assert err.message.startswith("could not reach the provider: ")
+    # The cause's class, never the address or the library's text.
+    assert err.message == "could not reach provider `anthropic` (ClientConnectorError)"
+    assert "127.0.0.1" not in err.message
     assert err.retryable is True
 
 
@@ -212,46 +215,63 @@ def envelope(error_type: Any, message: Any) -> bytes:
                  id="envelope_400"),
     pytest.param(429, envelope("rate_limit_error", "slow down"), "7",
                  (429, "rate_limit_error", "slow down", True, 7.0), id="envelope_429"),
+    # Anthropic sends retry-after with every rate limit: one without is a spend cap.
+    pytest.param(429, envelope("rate_limit_error", "spend cap reached"), None,
+                 (429, "rate_limit_error", "spend cap reached", False, None),
+                 id="spend_cap_429_without_retry_after"),
     pytest.param(529, envelope("overloaded_error", "Overloaded"), None,
                  (529, "overloaded_error", "Overloaded", True, None), id="envelope_529"),
     pytest.param(400, envelope("some_new_error", "new"), None,
                  (400, "some_new_error", "new", False, None), id="unknown_type_kept"),
     pytest.param(500, b"<html>Server Error</html>", None,
-                 (500, "api_error", "provider answered HTTP 500: <html>Server Error</html>",
-                  True, None), id="non_json_500"),
+                 (500, "api_error", "provider `anthropic` answered HTTP 500", True, None),
+                 id="non_json_500_not_echoed"),
     pytest.param(502, b"", None,
-                 (502, "api_error", "provider answered HTTP 502", True, None), id="empty_502"),
+                 (502, "api_error", "provider `anthropic` answered HTTP 502", True, None),
+                 id="empty_502"),
     pytest.param(503, b"\xff\xfe upstream down", None,
-                 (503, "api_error", "provider answered HTTP 503: \ufffd\ufffd upstream down",
-                  True, None), id="non_utf8"),
+                 (503, "api_error", "provider `anthropic` answered HTTP 503", True, None),
+                 id="non_utf8"),
     pytest.param(404, b'{"error": "not found"}', None,
-                 (404, "not_found_error", "provider answered HTTP 404", False, None),
+                 (404, "not_found_error", "provider `anthropic` answered HTTP 404", False, None),
                  id="error_is_a_string"),
     pytest.param(401, envelope(17, ["x"]), None,
-                 (401, "authentication_error", "provider answered HTTP 401", False, None),
-                 id="fields_of_wrong_type"),
+                 (401, "authentication_error", "provider `anthropic` answered HTTP 401", False,
+                  None), id="fields_of_wrong_type"),
     pytest.param(403, b"[1, 2]", None,
-                 (403, "permission_error", "provider answered HTTP 403", False, None),
-                 id="json_array"),
+                 (403, "permission_error", "provider `anthropic` answered HTTP 403", False,
+                  None), id="json_array"),
     pytest.param(418, b"null", None,
-                 (418, "invalid_request_error", "provider answered HTTP 418", False, None),
-                 id="json_null_unknown_4xx"),
+                 (418, "invalid_request_error", "provider `anthropic` answered HTTP 418", False,
+                  None), id="json_null_unknown_4xx"),
     pytest.param(501, envelope(None, "not implemented"), None,
                  (501, "api_error", "not implemented", False, None), id="null_type_501"),
 ])
 def test_error_from_body(status: int, raw: bytes, retry_after: str | None,
                          expected: tuple[int, str, str, bool, float | None]) -> None:
-    err = error_from_body(status, raw, retry_after)
+    headers = (("retry-after", retry_after),) if retry_after is not None else ()
+    err = error_from_body(status, raw, headers)
     assert (err.status, err.error_type, err.message, err.retryable, err.retry_after) == expected
 
 
-def test_error_from_body_truncates_long_non_json() -> None:
-    err = error_from_body(500, b"x" * 5000, None)
-    assert err.message == "provider answered HTTP 500: " + "x" * 200
+def test_an_anthropic_error_body_is_relayed_verbatim() -> None:
+    raw = (b'{"type":"error","error":{"type":"invalid_request_error","message":"no"},'
+           b'"request_id":"req_upstream_1"}')
+    err = error_from_body(400, raw, (("request-id", "req_upstream_1"),))
+    assert err.to_json() == raw
+    assert err.headers == (("request-id", "req_upstream_1"),)
+
+
+def test_a_body_that_is_not_an_envelope_gets_ferrys_own() -> None:
+    err = error_from_body(502, b"<html>bad gateway</html>")
+    assert orjson.loads(err.to_json()) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "provider `anthropic` answered HTTP 502"},
+    }
 
 
 def test_error_envelope_round_trips() -> None:
-    err = error_from_body(529, envelope("overloaded_error", "Overloaded"), None)
+    err = error_from_body(529, envelope("overloaded_error", "Overloaded"))
     assert orjson.loads(err.envelope().to_json()) == {
         "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"},
     }
@@ -320,14 +340,16 @@ def test_parse_message_fields(message: Json, stop_reason: str | None,
 
 
 @pytest.mark.parametrize(("raw", "retryable", "message"), [
-    pytest.param(b"{not json", True, "the provider answered with invalid JSON", id="invalid_json"),
-    pytest.param(b"", True, "the provider answered with invalid JSON", id="empty"),
+    pytest.param(b"{not json", True, "provider `anthropic` answered with invalid JSON",
+                 id="invalid_json"),
+    pytest.param(b"", True, "provider `anthropic` answered with invalid JSON", id="empty"),
     pytest.param(envelope("overloaded_error", "Overloaded"), False,
-                 "the provider's answer is not a Message", id="error_envelope_with_200"),
+                 "provider `anthropic`'s answer is not a Message", id="error_envelope_with_200"),
     pytest.param(b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}', False,
-                 "the provider's answer is not a Message", id="openai_shape"),
-    pytest.param(b"[]", False, "the provider's answer is not a Message", id="json_array"),
-    pytest.param(b'"message"', False, "the provider's answer is not a Message", id="json_string"),
+                 "provider `anthropic`'s answer is not a Message", id="openai_shape"),
+    pytest.param(b"[]", False, "provider `anthropic`'s answer is not a Message", id="json_array"),
+    pytest.param(b'"message"', False, "provider `anthropic`'s answer is not a Message",
+                 id="json_string"),
 ])
 def test_parse_message_rejects(raw: bytes, retryable: bool, message: str) -> None:
     with pytest.raises(ProviderError) as info:

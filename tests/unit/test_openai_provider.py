@@ -19,7 +19,7 @@ from worker.providers.openai import OpenAIProvider
 from worker.providers.openai_translate import TranslationError
 
 Json = dict[str, Any]
-CTX = CallContext(anthropic_version="2023-06-01")
+CTX = CallContext(forward_headers=(("anthropic-version", "2023-06-01"),))
 TOOLS = [{"name": n, "input_schema": {"type": "object"}} for n in ("get", "run")]
 
 
@@ -293,7 +293,7 @@ FINISH = data({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason"
     ([b": ping\n\n", TEXT[:9], TEXT[9:], FINISH], ("message_stop", None)),
     ([TEXT], ("error", "the provider's stream ended before it finished")),
     ([TEXT, b"data: {not json\n\n"], ("error", "the provider sent invalid stream data")),
-    ([TEXT, 1.0, FINISH], ("error", "the provider stopped sending")),
+    ([TEXT, 1.0, FINISH], ("error", "provider `scripted` stopped sending")),
     ([TEXT, FINISH, b"data: [DONE]\n\n", TEXT], ("message_stop", None)),
 ])
 async def test_stream_endings(http: ClientSession, parts: list[bytes | float],
@@ -322,7 +322,7 @@ RATE_LIMITED = data({"error": {"message": "slow down", "type": "requests",
 @pytest.mark.parametrize(("parts", "expected"), [
     ([RATE_LIMITED], (429, "rate_limit_error", "slow down")),
     ([], (502, "api_error", "the provider's stream ended before it finished")),
-    ([1.0, TEXT], (502, "api_error", "the provider stopped sending")),
+    ([1.0, TEXT], (502, "api_error", "provider `scripted` stopped sending")),
 ])
 async def test_stream_fails_before_first_event(
     http: ClientSession, parts: list[bytes | float], expected: tuple[int, str, str]

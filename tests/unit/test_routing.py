@@ -16,7 +16,7 @@ from shared.settings import Settings
 from worker.main import resolve_key
 from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
 from worker.retry import Attempts, RetryLater, RetryPolicy
-from worker.routing import KeyPool, ProviderEntry, ProviderSet, body_for_route
+from worker.routing import KeyPool, ProviderEntry, ProviderSet, body_for_route, replace_model
 
 
 def settings(**kw: object) -> Settings:
@@ -63,6 +63,51 @@ def test_route_rejects(model: str, message: str) -> None:
     assert exc.value.message == message
 
 
+ALIASES = (
+    '[providers.openai]\ntype = "openai"\nbase_url = "http://o/v1"\nmodels = ["gpt-5"]\n'
+    '[models.smart]\nroute = "anthropic/claude-opus-4-7"\nfallbacks = ["openai/gpt-5"]\n'
+    '[models.cheap]\nroute = "openai/gpt-5-mini"\n'
+)
+
+
+@pytest.mark.parametrize("model, header, primary, fallbacks", [
+    ("smart", None, Route("anthropic", "claude-opus-4-7"), (Route("openai", "gpt-5"),)),
+    ("cheap", None, Route("openai", "gpt-5-mini"), ()),
+    # the header replaces the alias's chain; it may name aliases too
+    ("smart", "cheap, openai/gpt-4o", Route("anthropic", "claude-opus-4-7"),
+     (Route("openai", "gpt-5-mini"), Route("openai", "gpt-4o"))),
+    ("claude-x", "openai/gpt-5", Route("anthropic", "claude-x"), (Route("openai", "gpt-5"),)),
+    ("claude-x", "", Route("anthropic", "claude-x"), ()),
+])
+def test_aliases_and_the_fallbacks_header(tmp_path: Path, model: str, header: str | None,
+                                          primary: Route, fallbacks: tuple[Route, ...]) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(ALIASES)
+    resolution = load_providers(settings(providers_file=str(file))).resolve(model, header)
+    assert (resolution.primary, resolution.fallbacks) == (primary, fallbacks)
+
+
+@pytest.mark.parametrize("header, message", [
+    ("mistral/large", "x-ferry-fallbacks fallback 'mistral/large': provider 'mistral' is not "
+                      "configured; configured providers: anthropic, openai"),
+    ("a,b,c,d,e,f", "x-ferry-fallbacks: at most 5 routes, got 6"),
+])
+def test_a_bad_fallbacks_header_is_a_bad_request(tmp_path: Path, header: str,
+                                                 message: str) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(ALIASES)
+    with pytest.raises(InvalidRequest) as exc:
+        load_providers(settings(providers_file=str(file))).resolve("claude-x", header)
+    assert exc.value.message == message
+
+
+def test_configured_models_are_the_known_metric_labels(tmp_path: Path) -> None:
+    file = tmp_path / "p.toml"
+    file.write_text(ALIASES)
+    assert load_providers(settings(providers_file=str(file))).known_models() == {
+        "smart", "cheap", "gpt-5", "openai/gpt-5"}
+
+
 def test_file_with_keys_and_weights(tmp_path: Path) -> None:
     file = tmp_path / "p.toml"
     file.write_text(
@@ -81,7 +126,9 @@ def test_file_with_keys_and_weights(tmp_path: Path) -> None:
     ('[providers.x]\ntype = "grpc"\nbase_url = "u"\n', "providers.x"),
     ('[providers.x]\ntype = "openai"\n', "base_url"),
     ('[providers.x]\ntype = "openai"\nbase_url = "u"\ncolour = 1\n', "colour"),
-    ("providers = 3\n", "expected [providers.NAME] tables"),
+    ("providers = 3\n", "expected [providers.NAME] or [models.NAME] tables"),
+    ('[models.smart]\nroute = "mistral/large"\n', "models.smart: model: provider 'mistral'"),
+    ('[models.smart]\nroute = "a"\nfallbacks = ["a","b","c","d","e","f"]\n', "models.smart"),
     ("[providers.x\n", "cannot read providers file"),
 ])
 def test_bad_file(tmp_path: Path, text: str, fragment: str) -> None:
@@ -96,10 +143,18 @@ def test_body_for_route_keeps_bytes_when_nothing_changes() -> None:
     assert body_for_route(body, Route("anthropic", "claude-x"), "claude-x") is body
 
 
-def test_body_for_route_strips_prefix_and_fallbacks() -> None:
-    body = b'{"model":"openai/gpt-4o","fallbacks":["a/b"],"max_tokens":5,"x":1}'
-    out = orjson.loads(body_for_route(body, Route("openai", "gpt-4o"), "openai/gpt-4o"))
-    assert out == {"model": "gpt-4o", "max_tokens": 5, "x": 1}
+def test_body_for_route_replaces_only_the_model() -> None:
+    # Anthropic's own `fallbacks` is forwarded; every byte but the model's value stays.
+    body = (b'{ "fallbacks":["a/b"], "model" : "openai/gpt-4o","max_tokens":5,'
+            b'"x":123456789012345678901234567890,"y":1e400,"z":"\\u00e9","n":{"model":"k"}}')
+    out = body_for_route(body, Route("openai", "gpt-4o"), "openai/gpt-4o")
+    assert out == body.replace(b'"openai/gpt-4o"', b'"gpt-4o"')
+
+
+@pytest.mark.parametrize("body", [b"[1]", b'{"max_tokens": 5}', b'{"model": "a", oops}'])
+def test_replace_model_refuses_what_it_cannot_rewrite(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        replace_model(body, "b")
 
 
 # --- key pool ------------------------------------------------------------------------------
@@ -179,12 +234,11 @@ def entry(provider: Scripted, keys: list[str] = ["k"], attempts: int = 3) -> Pro
 
 
 def envelope(model: str = "claude-x", provider: str = "anthropic",
-             fallbacks: tuple[str, ...] = (), attempt: int = 0) -> JobEnvelope:
-    body = orjson.dumps({"model": model, "max_tokens": 5, "messages": [],
-                         **({"fallbacks": list(fallbacks)} if fallbacks else {})})
+             fallbacks: tuple[str, ...] = ()) -> JobEnvelope:
+    body = orjson.dumps({"model": model, "max_tokens": 5, "messages": []})
     upstream = model.partition("/")[2] or model
     return JobEnvelope(job_id=uuid.uuid4(), model=model, provider=provider,
-                       upstream_model=upstream, fallbacks=fallbacks, body=body, attempt=attempt)
+                       upstream_model=upstream, fallbacks=fallbacks, body=body)
 
 
 async def create(provider, body, ctx):  # type: ignore[no-untyped-def]
@@ -210,7 +264,6 @@ async def test_fallback_after_retries_and_prefix_stripped() -> None:
     assert route == Route("openai", "gpt-4o")
     assert attempts.count == 4
     assert orjson.loads(backup.bodies[0])["model"] == "gpt-4o"
-    assert "fallbacks" not in orjson.loads(backup.bodies[0])
 
 
 async def test_no_fallback_for_client_errors() -> None:
@@ -254,5 +307,5 @@ async def test_delayed_retry_resumes_the_attempt_count() -> None:
     attempts = Attempts()
     with pytest.raises(ProviderError):
         await ProviderSet({"anthropic": entry(primary, attempts=3)}).call(
-            envelope(attempt=2), create, attempts)
+            envelope(), create, attempts, prior=2)
     assert len(primary.bodies) == 1 and attempts.count == 1

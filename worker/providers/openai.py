@@ -9,27 +9,35 @@ answer that keeps arriving is never cut.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 import orjson
 from pydantic import ValidationError
 
 from shared.wire import MessagesRequest, describe_validation_error
-from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
+from worker.providers.base import (
+    TRANSPORT_ERRORS,
+    CallContext,
+    Headers,
+    ProviderError,
+    ProviderResponse,
+    SSEEvent,
+    unreachable,
+)
 from worker.providers.openai_stream import OpenAIStreamTranslator, SSEDataParser
 from worker.providers.openai_translate import map_openai_error, parse_completion, translate_request
 
-_CLIENT_ERRORS = (aiohttp.ClientError, OSError)  # TimeoutError is handled first
 
-
-def _timeout_error() -> ProviderError:
-    return ProviderError(504, "timeout_error", "the provider did not answer in time",
-                         retryable=True)
-
-
-def _unreachable(exc: Exception) -> ProviderError:
-    return ProviderError(502, "api_error", f"could not reach the provider: {exc}", retryable=True)
+def _relayed(resp: aiohttp.ClientResponse) -> Headers:
+    """OpenAI's request id and retry hint, under the names Anthropic clients read."""
+    out = []
+    if request_id := resp.headers.get("x-request-id"):
+        out.append(("request-id", request_id[:200]))
+    if retry_after := resp.headers.get("retry-after"):
+        out.append(("retry-after", retry_after[:50]))
+    return tuple(out)
 
 
 # The status an error that ends a stream before its first event is reported with.
@@ -51,18 +59,19 @@ def _error_from_event(event: SSEEvent) -> ProviderError:
 
 class OpenAIProvider:
     def __init__(self, session: aiohttp.ClientSession, name: str, base_url: str,
-                 api_key: str | None, timeout_s: float) -> None:
+                 api_key: str | None, timeout_s: float, *,
+                 stream_idle_s: float | None = None) -> None:
         self.name = name
         self._session = session
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeout_s, sock_read=timeout_s
+            total=None, connect=timeout_s, sock_read=stream_idle_s or timeout_s
         )
 
     def _headers(self, ctx: CallContext) -> dict[str, str]:
-        # The anthropic-version / anthropic-beta of CallContext mean nothing to this API.
+        # The anthropic-* headers of CallContext mean nothing to this API.
         headers = {"content-type": "application/json"}
         api_key = ctx.api_key or self._api_key  # the key pool's pick wins
         if api_key:
@@ -87,32 +96,42 @@ class OpenAIProvider:
             async with self._session.post(self._url, data=payload, headers=self._headers(ctx),
                                           timeout=self._timeout) as resp:
                 raw = await resp.read()
+                headers = _relayed(resp)
                 if resp.status >= 400:
-                    raise map_openai_error(resp.status, raw, resp.headers.get("retry-after"))
-        except TimeoutError as exc:
-            raise _timeout_error() from exc
-        except _CLIENT_ERRORS as exc:
-            raise _unreachable(exc) from exc
-        return parse_completion(raw, request.model, request.stop_sequences or ())
+                    raise map_openai_error(resp.status, raw, resp.headers.get("retry-after"),
+                                           headers=headers)
+        except TRANSPORT_ERRORS as exc:
+            raise unreachable(self.name, exc) from exc
+        response = parse_completion(raw, request.model, request.stop_sequences or ())
+        return ProviderResponse(response.body, response.stop_reason, response.usage, headers)
 
-    async def stream_message(self, body: bytes, ctx: CallContext) -> AsyncIterator[SSEEvent]:
+    async def count_tokens(self, body: bytes, ctx: CallContext) -> ProviderResponse:
+        # OpenAI-compatible servers have no token-counting endpoint, and no estimate made here
+        # would be honest for an arbitrary model's tokenizer.
+        raise ProviderError(400, "invalid_request_error",
+                            f"count_tokens is not available for OpenAI-compatible provider "
+                            f"`{self.name}`")
+
+    async def list_models(self, ctx: CallContext) -> list[dict[str, Any]]:
+        return []  # the configured `models` list names them
+
+    async def stream_message(self, body: bytes, ctx: CallContext
+                             ) -> AsyncGenerator[SSEEvent, None]:
         request, payload = self._prepare(body, stream=True)
         try:
             resp = await self._session.post(self._url, data=payload, headers=self._headers(ctx),
                                             timeout=self._stream_timeout)
-        except TimeoutError as exc:
-            raise _timeout_error() from exc
-        except _CLIENT_ERRORS as exc:
-            raise _unreachable(exc) from exc
+        except TRANSPORT_ERRORS as exc:
+            raise unreachable(self.name, exc) from exc
         async with resp:
+            headers = _relayed(resp)
             if resp.status >= 400:
                 try:
                     raw = await resp.read()
-                except TimeoutError as exc:
-                    raise _timeout_error() from exc
-                except _CLIENT_ERRORS as exc:
-                    raise _unreachable(exc) from exc
-                raise map_openai_error(resp.status, raw, resp.headers.get("retry-after"))
+                except TRANSPORT_ERRORS as exc:
+                    raise unreachable(self.name, exc) from exc
+                raise map_openai_error(resp.status, raw, resp.headers.get("retry-after"),
+                                       headers=headers)
             translator = OpenAIStreamTranslator(request.model, request.stop_sequences or ())
             sent = False
             async with contextlib.aclosing(self._batches(resp, translator)) as batches:
@@ -121,6 +140,8 @@ class OpenAIProvider:
                         # Nothing went to the client yet: fail the call, so it can be retried.
                         raise _error_from_event(batch[0])
                     for event in batch:
+                        if not sent:
+                            event = SSEEvent(event.event, event.data, headers)
                         sent = True
                         yield event
 
@@ -135,10 +156,11 @@ class OpenAIProvider:
                     return
             yield self._translate(parser.close(), translator)
         except TimeoutError:
-            yield translator.fail("api_error", "the provider stopped sending")
+            yield translator.fail("api_error", f"provider `{self.name}` stopped sending")
             return
-        except _CLIENT_ERRORS as exc:
-            yield translator.fail("api_error", f"lost the provider mid-stream: {exc}")
+        except TRANSPORT_ERRORS as exc:
+            yield translator.fail("api_error", f"the connection to provider `{self.name}` "
+                                               f"broke mid-stream ({type(exc).__name__})")
             return
         # The body ended without `[DONE]`: complete if OpenAI had said why it stopped.
         if translator.finish_reason:

@@ -6,16 +6,20 @@ assistant's `tool_calls`; tools, `tool_choice`, sampling fields, `stop_sequences
 `metadata.user_id` and `stream` map to their OpenAI names.
 
 Dropped, because OpenAI has no equivalent:
-- `top_k`; `thinking: {"type": "disabled"}` (the default anyway);
+- `top_k`; `thinking: {"type": "disabled"}` (the default anyway) and `{"type": "adaptive"}`
+  (the model decides whether to think; an OpenAI model simply answers);
 - `thinking` / `redacted_thinking` blocks in assistant turns (they cannot be replayed to OpenAI);
 - `cache_control` markers and text `citations`;
 - unknown top-level fields (pydantic extras such as `service_tier`, `container`, `mcp_servers`):
   they are Anthropic features, meaningless to an OpenAI-compatible server;
 - the `anthropic-version` / `anthropic-beta` headers (the adapter does not send them).
 
+Mid-conversation `system` messages become OpenAI `system` messages in place.
+
 Rejected with `TranslationError` (HTTP 400) because no faithful equivalent exists: enabled
-`thinking`, `document` blocks, unknown block types, images inside tool results, images with a
-`file` source, server tools, and blocks in a turn whose role cannot carry them.
+`thinking`, `max_tokens: 0`, `document` blocks, unknown block types, images inside tool
+results, images with a `file` source, server tools, and blocks in a turn whose role cannot
+carry them.
 
 Response (`translate_response`): text then one `tool_use` block per tool call; `finish_reason`
 becomes `stop_reason`. OpenAI strips a matched stop sequence without saying which one matched,
@@ -50,7 +54,7 @@ from shared.wire import (
     URLImageSource,
     error_type_for_status,
 )
-from worker.providers.base import ProviderError, ProviderResponse, parse_retry_after
+from worker.providers.base import Headers, ProviderError, ProviderResponse, parse_retry_after
 
 Json = dict[str, Any]
 
@@ -92,6 +96,8 @@ def translate_request(
     adapter knows whether it is making a streaming call."""
     if isinstance(request.thinking, ThinkingEnabled):
         raise TranslationError("thinking", f"extended thinking {_CANNOT}")
+    if request.max_tokens == 0:
+        raise TranslationError("max_tokens", f"0 (a cache warm-up) {_CANNOT}")
     out: Json = {"model": model, "messages": _messages(request), "max_tokens": request.max_tokens}
     if request.temperature is not None:
         out["temperature"] = request.temperature
@@ -131,11 +137,24 @@ def _messages(request: MessagesRequest) -> list[Json]:
     for i, message in enumerate(request.messages):
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
+        elif message.role == "system":  # mid-conversation instructions
+            out.append({"role": "system", "content": _system_text(f"messages.{i}",
+                                                                  message.content)})
         elif message.role == "user":
             out.extend(_user_turn(f"messages.{i}", message.content))
         else:
             out.extend(_assistant_turn(f"messages.{i}", message.content))
     return out
+
+
+def _system_text(where: str, blocks: list[ContentBlock]) -> str:
+    texts = []
+    for j, block in enumerate(blocks):
+        if not isinstance(block, TextBlock):
+            raise TranslationError(f"{where}.content.{j}",
+                                   f"{block.type} blocks in a system message {_CANNOT}")
+        texts.append(block.text)
+    return "\n\n".join(texts)
 
 
 def _user_turn(where: str, blocks: list[ContentBlock]) -> list[Json]:
@@ -381,17 +400,17 @@ def _error_message(raw: bytes) -> str | None:
     return None
 
 
-def map_openai_error(status: int, body: bytes, retry_after: str | None) -> ProviderError:
+def map_openai_error(status: int, body: bytes, retry_after: str | None,
+                     headers: Headers = ()) -> ProviderError:
     """An OpenAI error answer as Anthropic's error type, keeping the provider's message."""
     message = _error_message(body)
     if message is None:
         message = f"provider answered HTTP {status}"
-        if body:
-            message = f"{message}: {body[:200].decode(errors='replace')}"
     # A spent quota answers 429 too, but no retry will refill it.
     retryable = False if _error_code(body) == "insufficient_quota" else None
     return ProviderError(status, openai_error_type(status), message,
-                         retry_after=parse_retry_after(retry_after), retryable=retryable)
+                         retry_after=parse_retry_after(retry_after), retryable=retryable,
+                         headers=headers)
 
 
 def _error_code(body: bytes) -> str | None:

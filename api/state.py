@@ -2,8 +2,11 @@
 
 from aiohttp import web
 
+from api.admission import Admission
+from api.models import ModelCatalog
 from api.replies import ReplyRouter
 from api.submit import SubmitBatcher
+from api.validation import BodyChecker
 from shared.broker import Broker
 from shared.metrics import Metrics
 from shared.providers import Providers
@@ -17,8 +20,11 @@ REPLIES = web.AppKey("replies", ReplyRouter)
 PROVIDERS = web.AppKey("providers", Providers)
 METRICS = web.AppKey("metrics", Metrics)
 SUBMITS = web.AppKey("submits", SubmitBatcher)
+CHECKER = web.AppKey("checker", BodyChecker)
+ADMISSION = web.AppKey("admission", Admission)
+CATALOG = web.AppKey("catalog", ModelCatalog)
 
-# Per-request facts the handlers leave for the middleware (metrics, the request-id header).
+# Per-request facts the handlers leave for the middleware (metrics, logs, the id headers).
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 MODE = web.RequestKey("mode", str)
 MODEL = web.RequestKey("model", str)

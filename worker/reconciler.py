@@ -1,0 +1,144 @@
+"""The reconciler: makes every way a job message can be lost end with the job row final.
+
+Each round (one replica at a time, under an advisory lock; any number may run):
+1. jobs whose worker stopped renewing its lease are pending again;
+2. parked jobs whose delayed message never came back are released;
+3. pending jobs published long ago and never picked up, while the jobs queue has nothing
+   waiting (so their message cannot be queued still), are released;
+4. every released job, and every job whose submit was committed but never confirmed by the
+   broker (the api stopped in between), is published again from its stored message.
+A duplicate message is harmless: the claim in the job row lets only one worker run a job.
+
+Next to that, the dead-letter queue is drained in every replica: the broker gave up on those
+messages, so their jobs are failed with an error that says so (never left silent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from shared.broker import Broker, settle
+from shared.errors import FerryError, Unavailable
+from shared.jobs import format_job_id
+from shared.logging import get_logger
+from shared.metrics import Metrics
+from shared.settings import Settings
+from shared.store import Outcome, Store, StoreUnavailable
+from shared.wire import ErrorEnvelope
+
+log = get_logger("ferry.reconciler")
+
+RECONCILER_LOCK_KEY = 0x7265636F6E  # "recon"
+BATCH = 1000
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: Store, broker: Broker,
+                 metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._broker = broker
+        self._metrics = metrics or Metrics()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self._broker.consume_dead_letters(self.on_dead_letter)
+        log.info("reconciler running", interval_s=self._settings.reconcile_interval_s)
+        while not stop.is_set():
+            try:
+                await self.reconcile_once()
+            except (StoreUnavailable, Unavailable) as exc:
+                log.warning("reconcile round skipped", error=exc.message)
+            except Exception:
+                log.exception("reconcile round failed; will try again")
+            try:
+                await asyncio.wait_for(stop.wait(), self._settings.reconcile_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def reconcile_once(self) -> dict[str, int] | None:
+        """One round; None if another replica holds the lock. Returns what it did."""
+        s = self._settings
+        async with self._store.advisory_lock(RECONCILER_LOCK_KEY) as mine:
+            if not mine:
+                return None
+            expired = await self._store.recover_expired_leases(s.lease_s / 3, BATCH)
+            overdue = await self._store.release_overdue_parked(
+                max(60.0, s.reconcile_interval_s * 2), BATCH)
+            stale: list[uuid.UUID] = []
+            if await self._jobs_queue_empty():
+                stale = await self._store.release_stale_pending(s.republish_after_s, BATCH)
+            released = expired + overdue + stale
+            republished = await self._publish(await self._store.messages(released))
+            republished += await self._republish_unpublished(s.outbox_grace_s)
+        done = {"expired_leases": len(expired), "overdue_parked": len(overdue),
+                "stale_pending": len(stale), "republished": republished}
+        if any(done.values()):
+            log.info("reconciled", **done)
+            for what, count in done.items():
+                self._metrics.reconciled.labels(what).inc(count)
+        return done
+
+    async def _jobs_queue_empty(self) -> bool:
+        try:
+            return await self._broker.jobs_queue_depth() == 0
+        except Unavailable:
+            return False
+
+    async def _republish_unpublished(self, grace_s: float) -> int:
+        """Jobs committed but never confirmed by the broker (the api stopped in between)."""
+        total = 0
+        while True:
+            rows = await self._store.unpublished(grace_s, BATCH)
+            published = await self._publish(rows)
+            total += published
+            if published < len(rows) or len(rows) < BATCH:
+                return total
+
+    async def _publish(self, rows: list[tuple[uuid.UUID, bytes]]) -> int:
+        """Publish stored messages; mark each once the broker confirmed it."""
+        published: list[uuid.UUID] = []
+        for job_id, message in rows:
+            try:
+                await self._broker.publish_raw_job(job_id, message)
+            except FerryError as exc:
+                log.warning("could not republish a job", job_id=format_job_id(job_id),
+                            error=exc.message)
+                break
+            published.append(job_id)
+        if published:
+            await self._store.mark_published(published)
+        return len(published)
+
+    async def on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        """The broker gave up on a job message: fail its job, saying why, then drop it."""
+        try:
+            job_id = uuid.UUID(hex=message.message_id or "")
+        except ValueError:
+            log.error("undecodable dead letter dropped", message_id=message.message_id)
+            await settle(message.ack())
+            return
+        reason = _death_reason(message)
+        error = ErrorEnvelope.of("api_error", "the message broker gave up on the job "
+                                 f"({reason}); it was not completed")
+        outcome = Outcome(status="failed", body=error.to_json(), attempts=0, http_status=500,
+                          error_type="api_error")
+        try:
+            failed = await self._store.fail_unfinished(job_id, outcome)
+        except StoreUnavailable:
+            await asyncio.sleep(1)
+            await settle(message.nack(requeue=True))
+            return
+        if failed:
+            log.error("dead-lettered job failed", job_id=format_job_id(job_id), reason=reason)
+        await settle(message.ack())
+
+
+def _death_reason(message: AbstractIncomingMessage) -> str:
+    headers = message.headers or {}
+    reason = headers.get("x-first-death-reason")
+    if isinstance(reason, bytes):
+        reason = reason.decode(errors="replace")
+    return str(reason) if reason else "unknown reason"
