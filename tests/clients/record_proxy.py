@@ -3,7 +3,7 @@
 Used by hand to refresh `tests/corpus/` when a client (Claude Code, an SDK) changes:
 
     python tests/clients/record_proxy.py --port 18091 --upstream http://127.0.0.1:18090 \
-        --out /tmp/calls.jsonl [--egress-port 18092]
+        --out calls.jsonl [--egress-port 18092]
     ANTHROPIC_BASE_URL=http://127.0.0.1:18091 ANTHROPIC_API_KEY=sk-test claude -p "say hello"
 
 Each request becomes one JSON line: method, path, query, headers (credentials replaced by
