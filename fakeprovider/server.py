@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from dataclasses import dataclass, field
 
-import orjson
 from aiohttp import web
 
+from fakeprovider import admin
 from fakeprovider.answer import (
-    Answer,
     Directives,
     InvalidRequest,
     build_answer,
@@ -23,50 +21,8 @@ from fakeprovider.answer import (
     parse_directives,
 )
 from fakeprovider.dialects import AnthropicDialect, Dialect, OpenAIDialect
-
-RECORDED_HEADERS = ("x-api-key", "authorization", "anthropic-version", "anthropic-beta")
-STREAM_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-
-
-@dataclass
-class Call:
-    """One recorded request; updated in place while it is answered."""
-
-    id: str
-    path: str
-    model: str | None = None
-    text: str | None = None
-    stream: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int | None = None
-    finished: bool = False
-    cancelled: bool = False
-
-
-@dataclass
-class FakeState:
-    calls: list[Call] = field(default_factory=list)
-    # How many times each (path, prompt text) has failed, for `fail_times` / `fail_once`.
-    failures: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def failure_status(self, path: str, text: str, directives: Directives) -> int | None:
-        """The status this request must fail with, or None to answer normally."""
-        status = directives.failure_status
-        if status is None or directives.fail_times is None:
-            return status
-        key = (path, text)
-        failed = self.failures.get(key, 0)
-        if failed >= directives.fail_times:
-            return None
-        self.failures[key] = failed + 1
-        return status
-
-    def clear(self) -> None:
-        self.calls.clear()
-        self.failures.clear()
-
-
-STATE = web.AppKey("fake_state", FakeState)
+from fakeprovider.state import RECORDED_HEADERS, STATE, Call, FakeState
+from fakeprovider.stream import stream_answer
 
 
 def _targets(directives: Directives, model: str, request: web.Request) -> bool:
@@ -93,9 +49,7 @@ def create_app() -> web.Application:
 
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/_fake/calls", _list_calls)
-    app.router.add_delete("/_fake/calls", _clear_calls)
-    app.router.add_get("/healthz", _healthz)
+    admin.add_routes(app)
     return app
 
 
@@ -123,7 +77,9 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
             return await _send(request, call, failure, body, retry)
         answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
         if prompt.stream:
-            return await _stream(request, call, dialect, answer, directives, prompt.include_usage)
+            return await stream_answer(
+                request, call, dialect, answer, directives, prompt.include_usage
+            )
         return await _send(request, call, 200, dialect.message(answer))
     except asyncio.CancelledError:
         # handler_cancellation: the client went away (during `delay`, or while we wrote).
@@ -152,54 +108,6 @@ async def _send(
         return response
     call.finished = True
     return response
-
-
-async def _stream(
-    request: web.Request,
-    call: Call,
-    dialect: Dialect,
-    answer: Answer,
-    directives: Directives,
-    include_usage: bool,
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    response.headers["request-id"] = new_id("req_fake_")
-    call.status = 200
-    try:
-        await response.prepare(request)
-        deltas = 0
-        for number, frame in enumerate(dialect.frames(answer, directives.chunks, include_usage)):
-            if number and directives.stream_delay:
-                await asyncio.sleep(directives.stream_delay)
-            if directives.error_after is not None and (
-                frame.kind == "tail" or (frame.kind == "delta" and deltas == directives.error_after)
-            ):
-                await response.write(dialect.stream_error)
-                break
-            await response.write(frame.data)
-            deltas += frame.kind == "delta"
-        await response.write_eof()
-    except ConnectionError:
-        # The peer left and we learnt it from a write, not a cancellation (a runner without
-        # handler_cancellation, or a race); aiohttp ignores it when finishing the response.
-        call.cancelled = True
-        return response
-    call.finished = True
-    return response
-
-
-async def _list_calls(request: web.Request) -> web.Response:
-    body = orjson.dumps(request.app[STATE].calls)
-    return web.Response(body=body, content_type="application/json")
-
-
-async def _clear_calls(request: web.Request) -> web.Response:
-    request.app[STATE].clear()
-    return web.Response(status=204)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps({"ok": True}), content_type="application/json")
 
 
 def run(host: str = "127.0.0.1", port: int = 8090) -> None:

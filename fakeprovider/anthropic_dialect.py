@@ -1,0 +1,133 @@
+"""An `Answer` spelled as Anthropic Messages: JSON message, SSE events, errors and headers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+
+from fakeprovider.answer import (
+    Answer,
+    Prompt,
+    count_words,
+    split_json,
+    split_text,
+)
+from fakeprovider.protocol import (
+    MID_STREAM_ERROR,
+    Frame,
+    FrameKind,
+    last_user_text,
+    load_object,
+    max_tokens,
+    message_words,
+    model_and_messages,
+    texts,
+)
+from shared.wire import ErrorEnvelope, error_type_for_status
+
+
+def _sse(event: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _event(name: str, kind: FrameKind = "event", **fields: Any) -> Frame:
+    """An event frame; the payload's `type` always repeats the event name."""
+    return Frame(kind, _sse(name, {"type": name, **fields}))
+
+
+def input_words(data: dict[str, Any], messages: list[dict[str, Any]]) -> int:
+    """Words in the system prompt and the messages."""
+    return sum(count_words(t) for t in texts(data.get("system"))) + message_words(messages)
+
+
+class AnthropicDialect:
+    answer_id_prefix = "msg_fake_"
+    tool_id_prefix = "toolu_fake_"
+    stream_error = _sse(
+        "error",
+        ErrorEnvelope.of("overloaded_error", MID_STREAM_ERROR).model_dump(exclude_none=True),
+    )
+
+    def parse(self, body: bytes) -> Prompt:
+        data = load_object(body)
+        model, messages = model_and_messages(data)
+        return Prompt(
+            model=model,
+            text=last_user_text(messages),
+            input_words=input_words(data, messages),
+            max_tokens=max_tokens(data, "max_tokens"),
+            stream=data.get("stream") is True,
+        )
+
+    def error_body(self, status: int, message: str) -> bytes:
+        return ErrorEnvelope.of(error_type_for_status(status), message).to_json()
+
+    def message(self, answer: Answer) -> bytes:
+        return orjson.dumps(
+            {
+                "id": answer.id,
+                "type": "message",
+                "role": "assistant",
+                "model": answer.model,
+                "content": self._blocks(answer),
+                "stop_reason": answer.stop_reason,
+                "stop_sequence": None,
+                "usage": self._usage(answer.input_tokens, answer.output_tokens),
+            }
+        )
+
+    def frames(self, answer: Answer, chunks: int | None, include_usage: bool) -> Iterator[Frame]:
+        start: dict[str, Any] = {
+            "id": answer.id,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": self._usage(answer.input_tokens, 1),
+        }
+        yield _event("message_start", message=start)
+        for index, block in enumerate(self._blocks(answer)):
+            opening: dict[str, Any]
+            if block["type"] == "text":
+                opening = {"type": "text", "text": ""}
+                pieces = split_text(block["text"], chunks)
+                deltas = [{"type": "text_delta", "text": p} for p in pieces]
+            else:
+                opening = {**block, "input": {}}
+                pieces = split_json(orjson.dumps(block["input"]).decode(), chunks)
+                deltas = [{"type": "input_json_delta", "partial_json": p} for p in pieces]
+            yield _event("content_block_start", index=index, content_block=opening)
+            if index == 0:
+                yield _event("ping")
+            for delta in deltas:
+                yield _event("content_block_delta", "delta", index=index, delta=delta)
+            yield _event("content_block_stop", index=index)
+        yield _event(
+            "message_delta",
+            "tail",
+            delta={"stop_reason": answer.stop_reason, "stop_sequence": None},
+            usage={"output_tokens": answer.output_tokens},
+        )
+        yield _event("message_stop")
+
+    @staticmethod
+    def _blocks(answer: Answer) -> list[dict[str, Any]]:
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": t} for t in answer.texts]
+        blocks += [
+            {"type": "tool_use", "id": c.id, "name": c.name, "input": c.input}
+            for c in answer.tool_calls
+        ]
+        return blocks
+
+    @staticmethod
+    def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+        return {
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
