@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,7 +26,31 @@ from fakeprovider.protocol import (
     model_and_messages,
     texts,
 )
-from shared.wire import ErrorEnvelope, error_type_for_status
+from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, rfc3339_after
+
+# Anthropic's error type per status; other 4xx are invalid_request_error, other 5xx api_error.
+# Kept here rather than borrowed from the gateway: the fake stands for Anthropic, not for Ferry.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def error_envelope(error: str, message: str, request_id: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": error, "message": message}, "request_id": request_id}
 
 
 def _sse(event: str, payload: dict[str, Any]) -> bytes:
@@ -45,10 +70,6 @@ def input_words(data: dict[str, Any], messages: list[dict[str, Any]]) -> int:
 class AnthropicDialect:
     answer_id_prefix = "msg_fake_"
     tool_id_prefix = "toolu_fake_"
-    stream_error = _sse(
-        "error",
-        ErrorEnvelope.of("overloaded_error", MID_STREAM_ERROR).model_dump(exclude_none=True),
-    )
 
     def parse(self, body: bytes) -> Prompt:
         data = load_object(body)
@@ -61,8 +82,21 @@ class AnthropicDialect:
             stream=data.get("stream") is True,
         )
 
-    def error_body(self, status: int, message: str) -> bytes:
-        return ErrorEnvelope.of(error_type_for_status(status), message).to_json()
+    def error_body(self, status: int, message: str, request_id: str) -> bytes:
+        return orjson.dumps(error_envelope(error_type(status), message, request_id))
+
+    def stream_error(self, request_id: str) -> bytes:
+        return _sse("error", error_envelope("overloaded_error", MID_STREAM_ERROR, request_id))
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        now = datetime.now(UTC)
+        limits = {"requests": NOMINAL_REQUESTS, **NOMINAL_TOKENS}
+        out = {"request-id": request_id}
+        for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+            prefix = f"anthropic-ratelimit-{kind}"
+            out[f"{prefix}-limit"] = out[f"{prefix}-remaining"] = str(limits[kind])
+            out[f"{prefix}-reset"] = rfc3339_after(0.0, now)
+        return out
 
     def message(self, answer: Answer) -> bytes:
         return orjson.dumps(

@@ -19,6 +19,7 @@ from fakeprovider.protocol import (
     message_words,
     model_and_messages,
 )
+from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, duration
 
 # OpenAI's (type, code) per status; anything else is a plain invalid_request_error / server_error.
 _ERRORS: dict[int, tuple[str, str | None]] = {
@@ -41,7 +42,6 @@ def _error(message: str, error_type: str, code: str | None) -> dict[str, Any]:
 class OpenAIDialect:
     answer_id_prefix = "chatcmpl-fake-"
     tool_id_prefix = "call_fake_"
-    stream_error = _data(_error(MID_STREAM_ERROR, "server_error", None))
 
     def parse(self, body: bytes) -> Prompt:
         data = load_object(body)
@@ -56,9 +56,26 @@ class OpenAIDialect:
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         )
 
-    def error_body(self, status: int, message: str) -> bytes:
+    def error_body(self, status: int, message: str, request_id: str) -> bytes:
+        # OpenAI's error body carries no request id; `x-request-id` does.
         default = ("server_error" if status >= 500 else "invalid_request_error", None)
         return orjson.dumps(_error(message, *_ERRORS.get(status, default)))
+
+    def stream_error(self, request_id: str) -> bytes:
+        return _data(_error(MID_STREAM_ERROR, "server_error", None))
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        tokens = NOMINAL_TOKENS["tokens"]
+        return {
+            "request-id": request_id,
+            "x-request-id": request_id,
+            "x-ratelimit-limit-requests": str(NOMINAL_REQUESTS),
+            "x-ratelimit-remaining-requests": str(NOMINAL_REQUESTS),
+            "x-ratelimit-reset-requests": duration(0.0),
+            "x-ratelimit-limit-tokens": str(tokens),
+            "x-ratelimit-remaining-tokens": str(tokens),
+            "x-ratelimit-reset-tokens": duration(0.0),
+        }
 
     def message(self, answer: Answer) -> bytes:
         message: dict[str, Any] = {"role": "assistant", "content": self._content(answer)}

@@ -30,15 +30,21 @@ class Dialect(Protocol):
 
     def parse(self, body: bytes) -> Prompt: ...
 
-    stream_error: bytes  # sent in place of the rest of a stream, for `error_after`
+    def error_body(self, status: int, message: str, request_id: str) -> bytes: ...
 
-    def error_body(self, status: int, message: str) -> bytes: ...
+    def stream_error(self, request_id: str) -> bytes:
+        """Sent in place of the rest of a stream, for `error_after`."""
+        ...
 
     def message(self, answer: Answer) -> bytes: ...
 
     def frames(
         self, answer: Answer, chunks: int | None, include_usage: bool
     ) -> Iterator[Frame]: ...
+
+    def headers(self, request_id: str) -> dict[str, str]:
+        """The request id and rate-limit headers of every answer."""
+        ...
 
 
 def load_object(body: bytes) -> dict[str, Any]:

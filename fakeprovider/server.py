@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,36 +17,36 @@ from fakeprovider import admin
 from fakeprovider.answer import (
     Directives,
     InvalidRequest,
+    Prompt,
     build_answer,
     new_id,
     parse_directives,
 )
 from fakeprovider.dialects import AnthropicDialect, Dialect, OpenAIDialect
-from fakeprovider.state import RECORDED_HEADERS, STATE, Call, FakeState
+from fakeprovider.ratelimit import presented_key
+from fakeprovider.state import STATE, Call, FakeState
 from fakeprovider.stream import stream_answer
 
+# Anthropic's limit for Messages and count_tokens bodies; larger ones get its 413.
+MAX_BODY = 32 * 1024 * 1024
+REQUEST_ID_PREFIX = "req_fake_"
 
-def _targets(directives: Directives, model: str, request: web.Request) -> bool:
-    """Whether a failure directive applies to this model and this presented key."""
-    if directives.fail_model is not None and model != directives.fail_model:
-        return False
-    if directives.fail_key is not None:
-        auth = request.headers.get("authorization", "")
-        key = request.headers.get("x-api-key") or auth.removeprefix("Bearer ").strip()
-        return key == directives.fail_key
-    return True
+# Answers a request whose prompt and directives were read and which is not meant to fail.
+Respond = Callable[
+    [web.Request, Call, Prompt, Directives, str, dict[str, str]], Awaitable[web.StreamResponse]
+]
 
 
-def create_app() -> web.Application:
-    app = web.Application()
+def create_app(*, max_body: int = MAX_BODY) -> web.Application:
+    app = web.Application(client_max_size=max_body)
     app[STATE] = FakeState()
     anthropic, openai = AnthropicDialect(), OpenAIDialect()
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        return await _complete(request, anthropic)
+        return await _serve(request, anthropic, anthropic.parse, _answer(anthropic))
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await _complete(request, openai)
+        return await _serve(request, openai, openai.parse, _answer(openai))
 
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -53,18 +54,50 @@ def create_app() -> web.Application:
     return app
 
 
-async def _complete(request: web.Request, dialect: Dialect) -> web.StreamResponse:
-    state = request.app[STATE]
-    headers = {name: request.headers[name] for name in RECORDED_HEADERS if name in request.headers}
-    call = Call(id=new_id(dialect.answer_id_prefix), path=request.path, headers=headers)
-    state.calls.append(call)
+def _targets(directives: Directives, model: str, request: web.Request) -> bool:
+    """Whether a failure directive applies to this model and this presented key."""
+    if directives.fail_model is not None and model != directives.fail_model:
+        return False
+    if directives.fail_key is not None:
+        return presented_key(request.headers) == directives.fail_key
+    return True
+
+
+async def _record(request: web.Request, call_id: str, request_id: str) -> tuple[Call, bytes | None]:
+    """Record the call as it arrived; the body is None when it is over the size limit."""
+    body: bytes | None
     try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        body = None
+    call = Call.arrived(request, call_id, request_id, body or b"")
+    request.app[STATE].calls.append(call)
+    return call, body
+
+
+async def _serve(
+    request: web.Request,
+    dialect: Dialect,
+    parse: Callable[[bytes], Prompt],
+    respond: Respond,
+) -> web.StreamResponse:
+    """Record, validate, then fail or answer as the directives say."""
+    state = request.app[STATE]
+    request_id = new_id(REQUEST_ID_PREFIX)
+    call, body = await _record(request, new_id(dialect.answer_id_prefix), request_id)
+    try:
+        if body is None:
+            error = dialect.error_body(413, "request body too large", request_id)
+            return await _send(request, call, 413, error, dialect.headers(request_id))
+        headers = dialect.headers(request_id)
         try:
-            prompt = dialect.parse(await request.read())
+            prompt = parse(body)
             call.model, call.text, call.stream = prompt.model, prompt.text, prompt.stream
             directives, clean_text = parse_directives(prompt.text)
         except InvalidRequest as exc:
-            return await _send(request, call, 400, dialect.error_body(400, str(exc)))
+            return await _send(
+                request, call, 400, dialect.error_body(400, str(exc), request_id), headers
+            )
         # Decided on arrival, so concurrent retries of a prompt fail a predictable number of times.
         failure = None
         if _targets(directives, prompt.model, request):
@@ -72,19 +105,34 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         if directives.delay:
             await asyncio.sleep(directives.delay)
         if failure is not None:
-            retry = {"retry-after": directives.retry_after} if directives.retry_after else {}
-            body = dialect.error_body(failure, f"fake provider failure {failure}")
-            return await _send(request, call, failure, body, retry)
-        answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
-        if prompt.stream:
-            return await stream_answer(
-                request, call, dialect, answer, directives, prompt.include_usage
-            )
-        return await _send(request, call, 200, dialect.message(answer))
+            if directives.retry_after:
+                headers["retry-after"] = directives.retry_after
+            error = dialect.error_body(failure, f"fake provider failure {failure}", request_id)
+            return await _send(request, call, failure, error, headers)
+        return await respond(request, call, prompt, directives, clean_text, headers)
     except asyncio.CancelledError:
         # handler_cancellation: the client went away (during `delay`, or while we wrote).
         call.cancelled = True
         raise
+
+
+def _answer(dialect: Dialect) -> Respond:
+    async def respond(
+        request: web.Request,
+        call: Call,
+        prompt: Prompt,
+        directives: Directives,
+        clean_text: str,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
+        if prompt.stream:
+            return await stream_answer(
+                request, call, dialect, answer, directives, prompt.include_usage, headers
+            )
+        return await _send(request, call, 200, dialect.message(answer), headers)
+
+    return respond
 
 
 async def _send(
@@ -92,13 +140,12 @@ async def _send(
     call: Call,
     status: int,
     body: bytes,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     """Write a JSON answer here rather than returning it, so `finished` is known to be true."""
     response = web.Response(
         status=status, body=body, content_type="application/json", headers=headers
     )
-    response.headers["request-id"] = new_id("req_fake_")
     call.status = status
     try:
         await response.prepare(request)
@@ -113,10 +160,10 @@ async def _send(
 def run(host: str = "127.0.0.1", port: int = 8090) -> None:
     """Serve until SIGINT / SIGTERM."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(host, port))
+        asyncio.run(_serve_forever(host, port))
 
 
-async def _serve(host: str, port: int) -> None:
+async def _serve_forever(host: str, port: int) -> None:
     runner = web.AppRunner(create_app(), handler_cancellation=True)
     await runner.setup()
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from fakeprovider.directives import Directives
 
-# The headers kept in `Call.headers`.
+# The headers kept in `Call.headers`, the short view; `raw_headers` has every one.
 RECORDED_HEADERS = ("x-api-key", "authorization", "anthropic-version", "anthropic-beta")
 
 
@@ -25,6 +26,28 @@ class Call:
     status: int | None = None
     finished: bool = False
     cancelled: bool = False
+    # Exactly what arrived, for tests that compare it with what a client sent.
+    method: str = ""
+    query: str = ""  # the raw query string, without `?`
+    body_b64: str = ""
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)
+    request_id: str = ""
+
+    @classmethod
+    def arrived(cls, request: web.Request, call_id: str, request_id: str, body: bytes) -> Call:
+        # Latin-1 maps each byte to one character: `value.encode("latin-1")` gives the exact
+        # bytes back, whatever encoding the client used.
+        raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.raw_headers]
+        return cls(
+            id=call_id,
+            path=request.path,
+            headers={n: request.headers[n] for n in RECORDED_HEADERS if n in request.headers},
+            method=request.method,
+            query=request.rel_url.raw_query_string,
+            body_b64=base64.b64encode(body).decode(),
+            raw_headers=raw,
+            request_id=request_id,
+        )
 
 
 @dataclass

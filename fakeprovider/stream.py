@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from fakeprovider.answer import Answer, Directives, new_id
+from fakeprovider.answer import Answer, Directives
 from fakeprovider.protocol import Dialect
 from fakeprovider.state import Call
 
@@ -20,9 +20,9 @@ async def stream_answer(
     answer: Answer,
     directives: Directives,
     include_usage: bool,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    response.headers["request-id"] = new_id("req_fake_")
+    response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **headers})
     call.status = 200
     try:
         await response.prepare(request)
@@ -33,7 +33,7 @@ async def stream_answer(
             if directives.error_after is not None and (
                 frame.kind == "tail" or (frame.kind == "delta" and deltas == directives.error_after)
             ):
-                await response.write(dialect.stream_error)
+                await response.write(dialect.stream_error(call.request_id))
                 break
             await response.write(frame.data)
             deltas += frame.kind == "delta"

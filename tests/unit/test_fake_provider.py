@@ -238,9 +238,12 @@ async def test_status_directive_raises_the_sdk_error(
             model="m", max_tokens=10, messages=user("x [[fake:status=529]]")
         )
     assert overloaded.value.status_code == 529
+    request_id = overloaded.value.response.headers["request-id"]
+    assert request_id.startswith("req_fake_")
     assert overloaded.value.body == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": "fake provider failure 529"},
+        "request_id": request_id,
     }
     with pytest.raises(anthropic.RateLimitError) as limited:
         await client.messages.create(
@@ -300,9 +303,11 @@ async def test_error_after_breaks_the_sdk_stream(client: anthropic.AsyncAnthropi
             async for text in stream.text_stream:
                 texts.append(text)
     assert texts == ["echo: ", "a "]
+    request_id = stream.response.headers["request-id"]
     assert raised.value.body == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": "fake provider failure mid-stream"},
+        "request_id": request_id,
     }
 
 
