@@ -11,6 +11,7 @@ import orjson
 from fakeprovider.answer import (
     Answer,
     Prompt,
+    ThinkingDisplay,
     count_words,
     split_json,
     split_text,
@@ -24,6 +25,7 @@ from fakeprovider.protocol import (
     max_tokens,
     message_words,
     model_and_messages,
+    string_list,
     texts,
 )
 from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, rfc3339_after
@@ -62,6 +64,13 @@ def _event(name: str, kind: FrameKind = "event", **fields: Any) -> Frame:
     return Frame(kind, _sse(name, {"type": name, **fields}))
 
 
+def _thinking(value: Any) -> ThinkingDisplay | None:
+    """Thinking is on for `enabled` and `adaptive`; anything else (or nothing) leaves it off."""
+    if not isinstance(value, dict) or value.get("type") not in ("enabled", "adaptive"):
+        return None
+    return "omitted" if value.get("display") == "omitted" else "shown"
+
+
 def input_words(data: dict[str, Any], messages: list[dict[str, Any]]) -> int:
     """Words in the system prompt and the messages."""
     return sum(count_words(t) for t in texts(data.get("system"))) + message_words(messages)
@@ -80,6 +89,8 @@ class AnthropicDialect:
             input_words=input_words(data, messages),
             max_tokens=max_tokens(data, "max_tokens"),
             stream=data.get("stream") is True,
+            stop_sequences=string_list(data, "stop_sequences"),
+            thinking=_thinking(data.get("thinking")),
         )
 
     def error_body(self, status: int, message: str, request_id: str) -> bytes:
@@ -107,7 +118,7 @@ class AnthropicDialect:
                 "model": answer.model,
                 "content": self._blocks(answer),
                 "stop_reason": answer.stop_reason,
-                "stop_sequence": None,
+                "stop_sequence": answer.stop_sequence,
                 "usage": self._usage(answer.input_tokens, answer.output_tokens),
             }
         )
@@ -126,7 +137,13 @@ class AnthropicDialect:
         yield _event("message_start", message=start)
         for index, block in enumerate(self._blocks(answer)):
             opening: dict[str, Any]
-            if block["type"] == "text":
+            deltas: list[dict[str, Any]]
+            if block["type"] == "thinking":
+                opening = {"type": "thinking", "thinking": "", "signature": ""}
+                pieces = split_text(block["thinking"], chunks)
+                deltas = [{"type": "thinking_delta", "thinking": p} for p in pieces]
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+            elif block["type"] == "text":
                 opening = {"type": "text", "text": ""}
                 pieces = split_text(block["text"], chunks)
                 deltas = [{"type": "text_delta", "text": p} for p in pieces]
@@ -143,14 +160,20 @@ class AnthropicDialect:
         yield _event(
             "message_delta",
             "tail",
-            delta={"stop_reason": answer.stop_reason, "stop_sequence": None},
-            usage={"output_tokens": answer.output_tokens},
+            delta={"stop_reason": answer.stop_reason, "stop_sequence": answer.stop_sequence},
+            # Cumulative, as Anthropic sends it today: input and cache counts repeated.
+            usage=self._usage(answer.input_tokens, answer.output_tokens),
         )
         yield _event("message_stop")
 
     @staticmethod
     def _blocks(answer: Answer) -> list[dict[str, Any]]:
-        blocks: list[dict[str, Any]] = [{"type": "text", "text": t} for t in answer.texts]
+        blocks: list[dict[str, Any]] = []
+        if answer.thinking is not None:
+            blocks.append(
+                {"type": "thinking", "thinking": answer.thinking, "signature": answer.signature}
+            )
+        blocks += [{"type": "text", "text": t} for t in answer.texts]
         blocks += [
             {"type": "tool_use", "id": c.id, "name": c.name, "input": c.input}
             for c in answer.tool_calls

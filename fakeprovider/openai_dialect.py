@@ -18,6 +18,7 @@ from fakeprovider.protocol import (
     max_tokens,
     message_words,
     model_and_messages,
+    string_list,
 )
 from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, duration
 
@@ -28,7 +29,12 @@ _ERRORS: dict[int, tuple[str, str | None]] = {
     429: ("requests", "rate_limit_exceeded"),
 }
 
-_FINISH_REASONS = {"end_turn": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",  # OpenAI does not say which stop string matched
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
 
 
 def _data(payload: dict[str, Any]) -> bytes:
@@ -54,6 +60,7 @@ class OpenAIDialect:
             max_tokens=max_tokens(data, "max_completion_tokens", "max_tokens"),
             stream=data.get("stream") is True,
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+            stop_sequences=string_list(data, "stop", single=True),
         )
 
     def error_body(self, status: int, message: str, request_id: str) -> bytes:

@@ -12,7 +12,7 @@ from fakeprovider.answer import Answer, InvalidRequest, Prompt, count_words
 
 MID_STREAM_ERROR = "fake provider failure mid-stream"
 
-# `delta` frames carry content (a text or tool-input piece); `tail` is the
+# `delta` frames carry content (a text, thinking, signature or tool-input piece); `tail` is the
 # first closing frame. `error_after` counts deltas and strikes before the next delta, or at the
 # tail.
 FrameKind = Literal["event", "delta", "tail"]
@@ -74,6 +74,19 @@ def max_tokens(data: dict[str, Any], *fields: str) -> int | None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise InvalidRequest(f"{fields[0]}: must be an integer >= 1")
     return value
+
+
+def string_list(data: dict[str, Any], name: str, single: bool = False) -> tuple[str, ...]:
+    """A list of strings (or, with `single`, one string) at `name`; empty ones are dropped."""
+    value = data.get(name)
+    if value is None:
+        return ()
+    if single and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        kind = "a string or a list of strings" if single else "a list of strings"
+        raise InvalidRequest(f"{name}: must be {kind}")
+    return tuple(v for v in value if v)
 
 
 def texts(content: Any) -> list[str]:

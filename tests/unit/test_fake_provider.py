@@ -333,7 +333,13 @@ async def test_sse_bytes_follow_anthropic_sequence(http: ClientSession, base_url
     assert names.count("ping") == 1
     assert frames[0][1]["message"]["usage"]["input_tokens"] == 3  # directives are words too
     assert frames[-2][1]["delta"]["stop_reason"] == "tool_use"
-    assert frames[-2][1]["usage"] == {"output_tokens": 13}
+    # Cumulative, as Anthropic sends it: input and cache counts repeated with the output.
+    assert frames[-2][1]["usage"] == {
+        "input_tokens": 3,
+        "output_tokens": 13,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 async def test_bad_requests_get_the_anthropic_envelope(http: ClientSession, base_url: str) -> None:
