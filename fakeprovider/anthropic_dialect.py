@@ -72,8 +72,17 @@ def _thinking(value: Any) -> ThinkingDisplay | None:
 
 
 def input_words(data: dict[str, Any], messages: list[dict[str, Any]]) -> int:
-    """Words in the system prompt and the messages."""
-    return sum(count_words(t) for t in texts(data.get("system"))) + message_words(messages)
+    """Words in the system prompt, the messages and the tools' names and descriptions."""
+    words = sum(count_words(t) for t in texts(data.get("system"))) + message_words(messages)
+    tools = data.get("tools")
+    for tool in tools if isinstance(tools, list) else []:
+        if isinstance(tool, dict):
+            words += sum(
+                count_words(tool[name])
+                for name in ("name", "description")
+                if isinstance(tool.get(name), str)
+            )
+    return words
 
 
 class AnthropicDialect:
@@ -92,6 +101,12 @@ class AnthropicDialect:
             stop_sequences=string_list(data, "stop_sequences"),
             thinking=_thinking(data.get("thinking")),
         )
+
+    def parse_count(self, body: bytes) -> Prompt:
+        """A count_tokens request: checked like Messages, minus `max_tokens`."""
+        data = load_object(body)
+        model, messages = model_and_messages(data)
+        return Prompt(model, last_user_text(messages), input_words(data, messages))
 
     def error_body(self, status: int, message: str, request_id: str) -> bytes:
         return orjson.dumps(error_envelope(error_type(status), message, request_id))

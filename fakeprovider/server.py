@@ -11,6 +11,7 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from fakeprovider import admin
@@ -48,7 +49,13 @@ def create_app(*, max_body: int = MAX_BODY) -> web.Application:
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _serve(request, openai, openai.parse, _answer(openai))
 
+    async def count_tokens(request: web.Request) -> web.StreamResponse:
+        # Failure directives (`status`, `fail_*`, `delay`) act here too; the answer-shaping
+        # ones have nothing to shape.
+        return await _serve(request, anthropic, anthropic.parse_count, _count, answers=False)
+
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/chat/completions", chat_completions)
     admin.add_routes(app)
     return app
@@ -80,11 +87,13 @@ async def _serve(
     dialect: Dialect,
     parse: Callable[[bytes], Prompt],
     respond: Respond,
+    answers: bool = True,
 ) -> web.StreamResponse:
     """Record, validate, then fail or answer as the directives say."""
     state = request.app[STATE]
     request_id = new_id(REQUEST_ID_PREFIX)
-    call, body = await _record(request, new_id(dialect.answer_id_prefix), request_id)
+    call_id = new_id(dialect.answer_id_prefix) if answers else request_id
+    call, body = await _record(request, call_id, request_id)
     try:
         if body is None:
             error = dialect.error_body(413, "request body too large", request_id)
@@ -133,6 +142,18 @@ def _answer(dialect: Dialect) -> Respond:
         return await _send(request, call, 200, dialect.message(answer), headers)
 
     return respond
+
+
+async def _count(
+    request: web.Request,
+    call: Call,
+    prompt: Prompt,
+    directives: Directives,
+    clean_text: str,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    body = orjson.dumps({"input_tokens": max(1, prompt.input_words)})
+    return await _send(request, call, 200, body, headers)
 
 
 async def _send(

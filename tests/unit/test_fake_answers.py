@@ -1,4 +1,4 @@
-"""Thinking, stop sequences and cumulative usage, through the SDK and raw bytes."""
+"""Thinking, stop sequences, cumulative usage and count_tokens, through the SDK and raw bytes."""
 
 from __future__ import annotations
 
@@ -267,3 +267,87 @@ async def test_message_delta_usage_is_cumulative(client: anthropic.AsyncAnthropi
         "cache_read_input_tokens": 0,
         "output_tokens": 4,
     }
+
+
+# --- count_tokens -------------------------------------------------------------------------------
+
+
+TOOLS = [
+    {"name": "get_weather", "description": "Weather for a city", "input_schema": {}},
+    {"name": "ping", "input_schema": {"type": "object"}},
+]
+
+
+@pytest.mark.parametrize("query", ["", "?beta=true"])
+async def test_count_tokens_counts_like_the_answer(
+    http: ClientSession, base_url: str, query: str
+) -> None:
+    body: Json = {
+        "model": "m",
+        "system": [{"type": "text", "text": "two words"}],
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "three words here"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "text", "text": "again [[fake:tool=t]]"}]},
+        ],
+    }
+    status, raw = await post(http, f"{base_url}/v1/messages/count_tokens{query}", body)
+    assert status == 200
+    # 2 system + 3 + 1 + 2 message words + tools: 1 + 4 (name, description) + 1
+    assert orjson.loads(raw) == {"input_tokens": 14}
+    status, raw = await post(http, f"{base_url}/v1/messages", {**body, "max_tokens": 50})
+    assert orjson.loads(raw)["usage"]["input_tokens"] == 14
+    count, message = await _calls(http, base_url)
+    assert (count["path"], count["query"], count["status"]) == (
+        "/v1/messages/count_tokens",
+        query.removeprefix("?"),
+        200,
+    )
+    assert count["id"] == count["request_id"] and count["model"] == "m"
+    assert orjson.loads(base64.b64decode(count["body_b64"])) == body
+    assert message["path"] == "/v1/messages"
+
+
+async def _calls(http: ClientSession, base_url: str) -> list[Json]:
+    async with http.get(f"{base_url}/_fake/calls") as resp:
+        result: list[Json] = await resp.json()
+        return result
+
+
+async def test_count_tokens_through_the_sdk(client: anthropic.AsyncAnthropic) -> None:
+    counted = await client.messages.count_tokens(model="m", messages=user("one two three"))
+    assert counted.input_tokens == 3
+    beta = await client.beta.messages.count_tokens(
+        model="m", messages=[{"role": "user", "content": "one two"}]
+    )
+    assert beta.input_tokens == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [1, 2],
+        {"messages": user("x")},
+        {"model": "m"},
+        {"model": "m", "messages": []},
+        {"model": "m", "messages": user("[[fake:nope]]")},
+    ],
+)
+async def test_count_tokens_validates(http: ClientSession, base_url: str, body: Any) -> None:
+    status, raw = await post(http, f"{base_url}/v1/messages/count_tokens", body)
+    assert status == 400
+    error = orjson.loads(raw)
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["request_id"].startswith("req_fake_")
+
+
+async def test_count_tokens_takes_no_max_tokens_and_obeys_failure_directives(
+    http: ClientSession, base_url: str
+) -> None:
+    url = f"{base_url}/v1/messages/count_tokens"
+    # Directives that shape an answer are read but have nothing to act on here.
+    status, raw = await post(http, url, {"model": "m", "messages": user("[[fake:tool=t]]")})
+    assert (status, orjson.loads(raw)) == (200, {"input_tokens": 1})
+    status, raw = await post(http, url, {"model": "m", "messages": user("x [[fake:status=529]]")})
+    assert status == 529 and orjson.loads(raw)["error"]["type"] == "overloaded_error"

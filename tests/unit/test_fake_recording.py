@@ -168,7 +168,7 @@ async def test_openai_answers_carry_x_request_id_and_x_ratelimit_headers(
     assert not [name for name in headers if name.lower().startswith("anthropic-")]
 
 
-@pytest.mark.parametrize("path", ["/v1/messages"])
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
 async def test_a_body_over_the_limit_gets_anthropics_413(path: str, http: ClientSession) -> None:
     async with TestServer(create_app(max_body=1000)) as server:
         body = orjson.dumps(
