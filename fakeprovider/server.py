@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from fakeprovider import admin
+from fakeprovider import admin, models
 from fakeprovider.answer import (
     Directives,
     InvalidRequest,
@@ -54,9 +54,14 @@ def create_app(*, max_body: int = MAX_BODY) -> web.Application:
         # ones have nothing to shape.
         return await _serve(request, anthropic, anthropic.parse_count, _count, answers=False)
 
+    async def list_or_get_model(request: web.Request) -> web.StreamResponse:
+        return await _models(request, anthropic)
+
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_or_get_model)
+    app.router.add_get("/v1/models/{model_id}", list_or_get_model)
     admin.add_routes(app)
     return app
 
@@ -154,6 +159,29 @@ async def _count(
 ) -> web.StreamResponse:
     body = orjson.dumps({"input_tokens": max(1, prompt.input_words)})
     return await _send(request, call, 200, body, headers)
+
+
+async def _models(request: web.Request, dialect: AnthropicDialect) -> web.StreamResponse:
+    """`GET /v1/models[/{id}]`, recorded like the other calls."""
+    request_id = new_id(REQUEST_ID_PREFIX)
+    call, _ = await _record(request, request_id, request_id)
+    headers = dialect.headers(request_id)
+    model_id = request.match_info.get("model_id")
+    call.model = model_id
+    try:
+        if model_id is None:
+            payload = models.page(request.query)
+        else:
+            model = models.find(model_id)
+            if model is None:
+                error = dialect.error_body(404, f"model: {model_id}", request_id)
+                return await _send(request, call, 404, error, headers)
+            payload = model.to_json()
+    except InvalidRequest as exc:
+        return await _send(
+            request, call, 400, dialect.error_body(400, str(exc), request_id), headers
+        )
+    return await _send(request, call, 200, orjson.dumps(payload), headers)
 
 
 async def _send(
