@@ -27,6 +27,8 @@ __all__ = [
     "count_words",
     "cut_at_stop",
     "first_words",
+    "huge_filler",
+    "lead_split",
     "new_id",
     "parse_directives",
     "sign_thinking",
@@ -81,6 +83,8 @@ class Answer:
     thinking: str | None = None
     signature: str | None = None
     stop_sequence: str | None = None
+    # How many leading characters of the first text block go out as one delta (`huge_delta`).
+    lead: int = 0
 
 
 @dataclass
@@ -112,6 +116,11 @@ def sign_thinking(thinking: str) -> str:
     return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
 
 
+def huge_filler(size: int) -> str:
+    """`size` bytes that count as one word: a run of `x` and a space before the reply."""
+    return "x" * (size - 1) + " "
+
+
 def build_answer(
     prompt: Prompt, directives: Directives, clean_text: str, answer_id: str, tool_id_prefix: str
 ) -> Answer:
@@ -133,6 +142,8 @@ def build_answer(
         candidates = [reply]
     else:
         candidates = [f"{reply} [{i}]" for i in range(directives.blocks)]
+    filler = huge_filler(directives.huge_delta) if directives.huge_delta else ""
+    candidates[0] = filler + candidates[0]
     candidates, stop_sequence = cut_at_stop(candidates, prompt.stop_sequences)
     texts: list[str] = []
     for text in [] if budget.cut else candidates:
@@ -168,6 +179,7 @@ def build_answer(
         thinking=thinking,
         signature=signature,
         stop_sequence=stop_sequence,
+        lead=min(len(filler), len(texts[0])) if filler and texts else 0,
     )
 
 
@@ -205,6 +217,11 @@ def split_text(text: str, pieces: int | None) -> list[str]:
     if pieces is None:
         return _WORD_WITH_SPACE.findall(text)
     return _even_split(text, min(pieces, len(text)))
+
+
+def lead_split(text: str, lead: int, pieces: int | None) -> list[str]:
+    """`split_text`, but the first `lead` characters in one piece of their own (`huge_delta`)."""
+    return ([text[:lead]] if lead else []) + split_text(text[lead:], pieces)
 
 
 def split_json(encoded: str, pieces: int | None) -> list[str]:

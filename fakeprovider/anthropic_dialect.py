@@ -13,6 +13,7 @@ from fakeprovider.answer import (
     Prompt,
     ThinkingDisplay,
     count_words,
+    lead_split,
     split_json,
     split_text,
 )
@@ -150,6 +151,7 @@ class AnthropicDialect:
             "usage": self._usage(answer.input_tokens, 1),
         }
         yield _event("message_start", message=start)
+        text_index = 0
         for index, block in enumerate(self._blocks(answer)):
             opening: dict[str, Any]
             deltas: list[dict[str, Any]]
@@ -160,8 +162,10 @@ class AnthropicDialect:
                 deltas.append({"type": "signature_delta", "signature": block["signature"]})
             elif block["type"] == "text":
                 opening = {"type": "text", "text": ""}
-                pieces = split_text(block["text"], chunks)
+                lead = answer.lead if text_index == 0 else 0
+                pieces = lead_split(block["text"], lead, chunks)
                 deltas = [{"type": "text_delta", "text": p} for p in pieces]
+                text_index += 1
             else:
                 opening = {**block, "input": {}}
                 pieces = split_json(orjson.dumps(block["input"]).decode(), chunks)

@@ -10,9 +10,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# The largest `huge_delta`: big enough for any line-length test, small enough not to exhaust
+# the memory of a shared test machine by mistake.
+MAX_HUGE_DELTA = 64 * 1024 * 1024
+
 _DIRECTIVE = re.compile(r"\[\[fake:([^\]]*)\]\]")
 _DIRECTIVE_WITH_SPACE = re.compile(r"\s*\[\[fake:[^\]]*\]\]\s*")
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+# New directives that only make sense on a streamed answer, and those only on a plain one: sent
+# with the other kind they are refused, so a test cannot pass without the fault it asked for.
+# (`error_after`, `chunks` and `stream_delay` predate this and stay ignored on plain requests.)
+STREAM_ONLY = ("drop_after", "stall_after")
+PLAIN_ONLY = ("bad_json",)
 
 
 class InvalidRequest(ValueError):
@@ -35,6 +45,11 @@ class Directives:
     # key-rotation tests): other models and keys are answered normally.
     fail_model: str | None = None
     fail_key: str | None = None
+    # Misbehaving upstream: cut the connection, or go silent, after N content deltas.
+    drop_after: int | None = None
+    stall_after: int | None = None
+    huge_delta: int | None = None
+    bad_json: bool = False
 
     @property
     def failure_status(self) -> int | None:
@@ -42,6 +57,14 @@ class Directives:
         if self.fail_times is not None:
             return self.status or 500
         return self.status
+
+    def check_mode(self, stream: bool) -> None:
+        """Refuse a directive that cannot act on this kind of request, rather than ignore it."""
+        wrong = PLAIN_ONLY if stream else STREAM_ONLY
+        names = [name for name in wrong if getattr(self, name) not in (None, False)]
+        if names:
+            kind = "streamed" if stream else "non-streamed"
+            raise InvalidRequest(f"fake directive {names[0]!r} does not apply to a {kind} request")
 
 
 def parse_directives(text: str) -> tuple[Directives, str]:
@@ -60,6 +83,11 @@ def _apply(values: dict[str, Any], name: str, value: str | None) -> None:
         values["fail_times"] = 1
         values["status"] = 500 if value is None else _status(name, value)
         return
+    if name == "bad_json":
+        if value is not None:
+            raise InvalidRequest("fake directive 'bad_json' takes no value: [[fake:bad_json]]")
+        values[name] = True
+        return
     if value is None:
         raise InvalidRequest(f"fake directive {name!r} needs a value: [[fake:{name}=...]]")
     if name in ("delay", "stream_delay"):
@@ -71,8 +99,13 @@ def _apply(values: dict[str, Any], name: str, value: str | None) -> None:
         values[name] = _status(name, value)
     elif name in ("fail_times", "tools", "blocks", "chunks"):
         values[name] = _integer(name, value, minimum=1)
-    elif name == "error_after":
+    elif name in ("error_after", "drop_after", "stall_after"):
         values[name] = _integer(name, value, minimum=0)
+    elif name == "huge_delta":
+        size = _integer(name, value, minimum=1)
+        if size > MAX_HUGE_DELTA:
+            raise InvalidRequest(f"fake directive huge_delta={value!r}: at most {MAX_HUGE_DELTA}")
+        values[name] = size
     elif name in ("fail_model", "fail_key"):
         values[name] = value
     elif name == "tool":

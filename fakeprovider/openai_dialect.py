@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from fakeprovider.answer import Answer, Prompt, split_json, split_text
+from fakeprovider.answer import Answer, Prompt, lead_split, split_json
 from fakeprovider.protocol import (
     MID_STREAM_ERROR,
     Frame,
@@ -120,7 +120,7 @@ class OpenAIDialect:
             return Frame(kind, _data({**envelope, "choices": [choice]}))
 
         yield chunk("event", {"role": "assistant", "content": ""})
-        for piece in split_text(self._content(answer), chunks):
+        for piece in lead_split(self._content(answer), answer.lead, chunks):
             yield chunk("delta", {"content": piece})
         for index, call in enumerate(answer.tool_calls):
             opening = {"id": call.id, "type": "function"}

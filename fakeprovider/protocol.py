@@ -13,8 +13,8 @@ from fakeprovider.answer import Answer, InvalidRequest, Prompt, count_words
 MID_STREAM_ERROR = "fake provider failure mid-stream"
 
 # `delta` frames carry content (a text, thinking, signature or tool-input piece); `tail` is the
-# first closing frame. `error_after` counts deltas and strikes before the next delta, or at the
-# tail.
+# first closing frame. Stream faults (`error_after`, `drop_after`, `stall_after`) count deltas
+# and strike before the next delta, or at the tail.
 FrameKind = Literal["event", "delta", "tail"]
 
 

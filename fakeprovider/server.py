@@ -51,7 +51,7 @@ def create_app(*, max_body: int = MAX_BODY) -> web.Application:
 
     async def count_tokens(request: web.Request) -> web.StreamResponse:
         # Failure directives (`status`, `fail_*`, `delay`) act here too; the answer-shaping
-        # ones have nothing to shape.
+        # ones have nothing to shape, so they are read but not refused.
         return await _serve(request, anthropic, anthropic.parse_count, _count, answers=False)
 
     async def list_or_get_model(request: web.Request) -> web.StreamResponse:
@@ -63,7 +63,12 @@ def create_app(*, max_body: int = MAX_BODY) -> web.Application:
     app.router.add_get("/v1/models", list_or_get_model)
     app.router.add_get("/v1/models/{model_id}", list_or_get_model)
     admin.add_routes(app)
+    app.on_shutdown.append(_release_stalled)
     return app
+
+
+async def _release_stalled(app: web.Application) -> None:
+    app[STATE].stopping.set()
 
 
 def _targets(directives: Directives, model: str, request: web.Request) -> bool:
@@ -108,6 +113,8 @@ async def _serve(
             prompt = parse(body)
             call.model, call.text, call.stream = prompt.model, prompt.text, prompt.stream
             directives, clean_text = parse_directives(prompt.text)
+            if answers:
+                directives.check_mode(prompt.stream)
         except InvalidRequest as exc:
             return await _send(
                 request, call, 400, dialect.error_body(400, str(exc), request_id), headers
@@ -141,10 +148,16 @@ def _answer(dialect: Dialect) -> Respond:
     ) -> web.StreamResponse:
         answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
         if prompt.stream:
+            stopping = request.app[STATE].stopping
             return await stream_answer(
-                request, call, dialect, answer, directives, prompt.include_usage, headers
+                request, call, dialect, answer, directives, prompt.include_usage, headers, stopping
             )
-        return await _send(request, call, 200, dialect.message(answer), headers)
+        body = dialect.message(answer)
+        if directives.bad_json:
+            # A proper prefix of a JSON object is never valid JSON: a body cut in transit.
+            call.fault = "bad_json"
+            body = body[: len(body) // 2]
+        return await _send(request, call, 200, body, headers)
 
     return respond
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class Call:
     body_b64: str = ""
     raw_headers: list[tuple[str, str]] = field(default_factory=list)
     request_id: str = ""
+    # The stream fault that struck (`error_after`, `drop_after`, `stall_after`) or `bad_json`.
+    fault: str | None = None
 
     @classmethod
     def arrived(cls, request: web.Request, call_id: str, request_id: str, body: bytes) -> Call:
@@ -55,6 +58,8 @@ class FakeState:
     calls: list[Call] = field(default_factory=list)
     # How many times each (path, prompt text) has failed, for `fail_times` / `fail_once`.
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Set when the server shuts down: releases streams held by `stall_after`.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def failure_status(self, path: str, text: str, directives: Directives) -> int | None:
         """The status this request must fail with, or None to answer normally."""

@@ -1,8 +1,14 @@
-"""Writing a streamed answer, and `error_after`: an error event in place of the rest of it."""
+"""Writing a streamed answer, and the ways a misbehaving upstream breaks one.
+
+Faults count content deltas and strike in place of delta N+1, or at the tail when the answer
+has no more than N deltas: `error_after` sends an error event, `drop_after` cuts the connection
+without the closing chunk, `stall_after` goes silent until the client leaves.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from aiohttp import web
 
@@ -11,6 +17,20 @@ from fakeprovider.protocol import Dialect
 from fakeprovider.state import Call
 
 STREAM_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+FAULTS = ("error_after", "drop_after", "stall_after")
+
+# How often a stalled stream checks that its client is still there, when the server does not
+# cancel handlers on disconnect (with handler cancellation the stall ends at once).
+STALL_CHECK_SECONDS = 0.25
+
+
+def _fault(directives: Directives, deltas: int, tail: bool) -> str | None:
+    """The fault to strike before this frame: the first whose count is reached."""
+    for name in FAULTS:
+        after = getattr(directives, name)
+        if after is not None and (tail or deltas == after):
+            return name
+    return None
 
 
 async def stream_answer(
@@ -21,6 +41,7 @@ async def stream_answer(
     directives: Directives,
     include_usage: bool,
     headers: dict[str, str],
+    stopping: asyncio.Event,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **headers})
     call.status = 200
@@ -30,9 +51,17 @@ async def stream_answer(
         for number, frame in enumerate(dialect.frames(answer, directives.chunks, include_usage)):
             if number and directives.stream_delay:
                 await asyncio.sleep(directives.stream_delay)
-            if directives.error_after is not None and (
-                frame.kind == "tail" or (frame.kind == "delta" and deltas == directives.error_after)
-            ):
+            fault = None
+            if frame.kind != "event":
+                fault = _fault(directives, deltas, frame.kind == "tail")
+            if fault is not None:
+                call.fault = fault
+                if fault == "drop_after":
+                    await _drop(request)
+                    return response
+                if fault == "stall_after":
+                    await _stall(request, call, stopping)
+                    return response
                 await response.write(dialect.stream_error(call.request_id))
                 break
             await response.write(frame.data)
@@ -45,3 +74,31 @@ async def stream_answer(
         return response
     call.finished = True
     return response
+
+
+async def _drop(request: web.Request) -> None:
+    """Close the connection mid-body: no closing chunk, so the client sees a broken transfer.
+
+    `abort()` throws away what asyncio has not yet handed to the socket, so that is flushed
+    first: the client receives every delta sent before the cut.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return
+    transport.set_write_buffer_limits(high=0)
+    await request.writer.drain()
+    transport.abort()
+
+
+async def _stall(request: web.Request, call: Call, stopping: asyncio.Event) -> None:
+    """Send nothing more and keep the connection open until the client goes away."""
+    while not stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            call.cancelled = True
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), STALL_CHECK_SECONDS)
+    # The server is stopping: end the connection as broken, not as a finished stream.
+    if request.transport is not None:
+        request.transport.abort()

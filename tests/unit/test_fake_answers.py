@@ -347,7 +347,7 @@ async def test_count_tokens_takes_no_max_tokens_and_obeys_failure_directives(
 ) -> None:
     url = f"{base_url}/v1/messages/count_tokens"
     # Directives that shape an answer are read but have nothing to act on here.
-    status, raw = await post(http, url, {"model": "m", "messages": user("[[fake:tool=t]]")})
+    status, raw = await post(http, url, {"model": "m", "messages": user("[[fake:drop_after=1]]")})
     assert (status, orjson.loads(raw)) == (200, {"input_tokens": 1})
     status, raw = await post(http, url, {"model": "m", "messages": user("x [[fake:status=529]]")})
     assert status == 529 and orjson.loads(raw)["error"]["type"] == "overloaded_error"

@@ -100,7 +100,7 @@ async def test_the_exact_request_is_recorded(base_url: str, http: ClientSession)
     assert call["headers"] == {"x-api-key": "secret", "anthropic-beta": "b1"}
     assert (call["model"], call["text"], call["stream"]) == ("m", "héllo ✓", False)
     assert (call["status"], call["finished"], call["cancelled"]) == (200, True, False)
-    assert call["id"].startswith("msg_fake_")
+    assert call["id"].startswith("msg_fake_") and call["fault"] is None
 
 
 async def test_an_empty_body_is_recorded_as_such(base_url: str, http: ClientSession) -> None:
