@@ -29,7 +29,7 @@ from fakeprovider.protocol import (
     string_list,
     texts,
 )
-from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, rfc3339_after
+from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, Allowance, rfc3339_after
 
 # Anthropic's error type per status; other 4xx are invalid_request_error, other 5xx api_error.
 # Kept here rather than borrowed from the gateway: the fake stands for Anthropic, not for Ferry.
@@ -115,14 +115,24 @@ class AnthropicDialect:
     def stream_error(self, request_id: str) -> bytes:
         return _sse("error", error_envelope("overloaded_error", MID_STREAM_ERROR, request_id))
 
-    def headers(self, request_id: str) -> dict[str, str]:
+    def headers(self, request_id: str, allowance: Allowance | None) -> dict[str, str]:
         now = datetime.now(UTC)
-        limits = {"requests": NOMINAL_REQUESTS, **NOMINAL_TOKENS}
+        limits: dict[str, tuple[int, int, float]] = {
+            kind: (limit, limit, 0.0) for kind, limit in NOMINAL_TOKENS.items()
+        }
+        if allowance is None:
+            limits["requests"] = (NOMINAL_REQUESTS, NOMINAL_REQUESTS, 0.0)
+        else:
+            limits["requests"] = (allowance.limit, allowance.remaining, allowance.reset_after)
         out = {"request-id": request_id}
         for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+            limit, remaining, reset_after = limits[kind]
             prefix = f"anthropic-ratelimit-{kind}"
-            out[f"{prefix}-limit"] = out[f"{prefix}-remaining"] = str(limits[kind])
-            out[f"{prefix}-reset"] = rfc3339_after(0.0, now)
+            out[f"{prefix}-limit"] = str(limit)
+            out[f"{prefix}-remaining"] = str(remaining)
+            out[f"{prefix}-reset"] = rfc3339_after(reset_after, now)
+        if allowance is not None and not allowance.allowed:
+            out["retry-after"] = str(allowance.retry_after)
         return out
 
     def message(self, answer: Answer) -> bytes:

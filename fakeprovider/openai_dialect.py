@@ -20,7 +20,7 @@ from fakeprovider.protocol import (
     model_and_messages,
     string_list,
 )
-from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, duration
+from fakeprovider.ratelimit import NOMINAL_REQUESTS, NOMINAL_TOKENS, Allowance, duration
 
 # OpenAI's (type, code) per status; anything else is a plain invalid_request_error / server_error.
 _ERRORS: dict[int, tuple[str, str | None]] = {
@@ -71,18 +71,25 @@ class OpenAIDialect:
     def stream_error(self, request_id: str) -> bytes:
         return _data(_error(MID_STREAM_ERROR, "server_error", None))
 
-    def headers(self, request_id: str) -> dict[str, str]:
+    def headers(self, request_id: str, allowance: Allowance | None) -> dict[str, str]:
+        if allowance is None:
+            requests = (NOMINAL_REQUESTS, NOMINAL_REQUESTS, 0.0)
+        else:
+            requests = (allowance.limit, allowance.remaining, allowance.reset_after)
         tokens = NOMINAL_TOKENS["tokens"]
-        return {
+        out = {
             "request-id": request_id,
             "x-request-id": request_id,
-            "x-ratelimit-limit-requests": str(NOMINAL_REQUESTS),
-            "x-ratelimit-remaining-requests": str(NOMINAL_REQUESTS),
-            "x-ratelimit-reset-requests": duration(0.0),
+            "x-ratelimit-limit-requests": str(requests[0]),
+            "x-ratelimit-remaining-requests": str(requests[1]),
+            "x-ratelimit-reset-requests": duration(requests[2]),
             "x-ratelimit-limit-tokens": str(tokens),
             "x-ratelimit-remaining-tokens": str(tokens),
             "x-ratelimit-reset-tokens": duration(0.0),
         }
+        if allowance is not None and not allowance.allowed:
+            out["retry-after"] = str(allowance.retry_after)
+        return out
 
     def message(self, answer: Answer) -> bytes:
         message: dict[str, Any] = {"role": "assistant", "content": self._content(answer)}

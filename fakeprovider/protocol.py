@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from fakeprovider.answer import Answer, InvalidRequest, Prompt, count_words
+from fakeprovider.ratelimit import Allowance
 
 MID_STREAM_ERROR = "fake provider failure mid-stream"
 
@@ -42,8 +43,8 @@ class Dialect(Protocol):
         self, answer: Answer, chunks: int | None, include_usage: bool
     ) -> Iterator[Frame]: ...
 
-    def headers(self, request_id: str) -> dict[str, str]:
-        """The request id and rate-limit headers of every answer."""
+    def headers(self, request_id: str, allowance: Allowance | None) -> dict[str, str]:
+        """Request id and rate-limit headers; `allowance` None when the key is not limited."""
         ...
 
 

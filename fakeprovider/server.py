@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
@@ -24,7 +25,7 @@ from fakeprovider.answer import (
     parse_directives,
 )
 from fakeprovider.dialects import AnthropicDialect, Dialect, OpenAIDialect
-from fakeprovider.ratelimit import presented_key
+from fakeprovider.ratelimit import Allowance, Limiter, RateLimit, presented_key
 from fakeprovider.state import STATE, Call, FakeState
 from fakeprovider.stream import stream_answer
 
@@ -38,9 +39,11 @@ Respond = Callable[
 ]
 
 
-def create_app(*, max_body: int = MAX_BODY) -> web.Application:
+def create_app(rate_limit: RateLimit | None = None, *, max_body: int = MAX_BODY) -> web.Application:
+    """The fake provider; `rate_limit` None answers every request (see `run` for the
+    environment, `POST /_fake/config` to change it while running)."""
     app = web.Application(client_max_size=max_body)
-    app[STATE] = FakeState()
+    app[STATE] = FakeState(limiter=Limiter(rate_limit))
     anthropic, openai = AnthropicDialect(), OpenAIDialect()
 
     async def messages(request: web.Request) -> web.StreamResponse:
@@ -92,6 +95,13 @@ async def _record(request: web.Request, call_id: str, request_id: str) -> tuple[
     return call, body
 
 
+def _limited(allowance: Allowance) -> str:
+    return (
+        f"fake provider rate limit: {allowance.rate:g} requests per second for this API key "
+        f"(bucket of {allowance.limit}); retry after {allowance.retry_after}s"
+    )
+
+
 async def _serve(
     request: web.Request,
     dialect: Dialect,
@@ -99,7 +109,7 @@ async def _serve(
     respond: Respond,
     answers: bool = True,
 ) -> web.StreamResponse:
-    """Record, validate, then fail or answer as the directives say."""
+    """Record, rate-limit, validate, then fail or answer as the directives say."""
     state = request.app[STATE]
     request_id = new_id(REQUEST_ID_PREFIX)
     call_id = new_id(dialect.answer_id_prefix) if answers else request_id
@@ -107,8 +117,12 @@ async def _serve(
     try:
         if body is None:
             error = dialect.error_body(413, "request body too large", request_id)
-            return await _send(request, call, 413, error, dialect.headers(request_id))
-        headers = dialect.headers(request_id)
+            return await _send(request, call, 413, error, dialect.headers(request_id, None))
+        allowance = state.limiter.take(presented_key(request.headers))
+        headers = dialect.headers(request_id, allowance)
+        if allowance is not None and not allowance.allowed:
+            error = dialect.error_body(429, _limited(allowance), request_id)
+            return await _send(request, call, 429, error, headers)
         try:
             prompt = parse(body)
             call.model, call.text, call.stream = prompt.model, prompt.text, prompt.stream
@@ -175,10 +189,12 @@ async def _count(
 
 
 async def _models(request: web.Request, dialect: AnthropicDialect) -> web.StreamResponse:
-    """`GET /v1/models[/{id}]`, recorded like the other calls."""
+    """`GET /v1/models[/{id}]`: recorded, never rate-limited (the headers show the bucket)."""
     request_id = new_id(REQUEST_ID_PREFIX)
     call, _ = await _record(request, request_id, request_id)
-    headers = dialect.headers(request_id)
+    headers = dialect.headers(
+        request_id, request.app[STATE].limiter.peek(presented_key(request.headers))
+    )
     model_id = request.match_info.get("model_id")
     call.model = model_id
     try:
@@ -219,14 +235,16 @@ async def _send(
     return response
 
 
-def run(host: str = "127.0.0.1", port: int = 8090) -> None:
-    """Serve until SIGINT / SIGTERM."""
+def run(host: str = "127.0.0.1", port: int = 8090, env: Mapping[str, str] | None = None) -> None:
+    """Serve until SIGINT / SIGTERM; the rate limit comes from FAKE_PROVIDER_RPS,
+    FAKE_PROVIDER_BURST and FAKE_PROVIDER_KEY_LIMITS (a malformed value stops the start)."""
+    rate_limit = RateLimit.from_env(os.environ if env is None else env)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(host, port))
+        asyncio.run(_serve_forever(host, port, rate_limit))
 
 
-async def _serve_forever(host: str, port: int) -> None:
-    runner = web.AppRunner(create_app(), handler_cancellation=True)
+async def _serve_forever(host: str, port: int, rate_limit: RateLimit | None) -> None:
+    runner = web.AppRunner(create_app(rate_limit), handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -1,17 +1,21 @@
-"""The fake provider's memory: recorded calls and failure counts."""
+"""The fake provider's memory: recorded calls, failure counts and the rate limiter."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from fakeprovider.directives import Directives
+from fakeprovider.ratelimit import Limiter, presented_key
 
 # The headers kept in `Call.headers`, the short view; `raw_headers` has every one.
 RECORDED_HEADERS = ("x-api-key", "authorization", "anthropic-version", "anthropic-beta")
+NO_KEY_LABEL = "(no key)"
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Call:
 
 @dataclass
 class FakeState:
+    limiter: Limiter = field(default_factory=Limiter)
     calls: list[Call] = field(default_factory=list)
     # How many times each (path, prompt text) has failed, for `fail_times` / `fail_once`.
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -74,9 +79,29 @@ class FakeState:
         return status
 
     def clear(self) -> None:
-        """Forget calls and failure counts."""
+        """Forget calls and failure counts; the rate-limit configuration stays."""
         self.calls.clear()
         self.failures.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of the recorded calls: per status, per path and per presented key."""
+        by_status: Counter[str] = Counter()
+        by_path: Counter[str] = Counter()
+        by_key: dict[str, Counter[str]] = {}
+        for call in self.calls:
+            status = "none" if call.status is None else str(call.status)
+            by_status[status] += 1
+            by_path[call.path] += 1
+            key = presented_key(call.headers) or NO_KEY_LABEL
+            by_key.setdefault(key, Counter())[status] += 1
+        return {
+            "calls": len(self.calls),
+            "finished": sum(c.finished for c in self.calls),
+            "cancelled": sum(c.cancelled for c in self.calls),
+            "by_status": dict(by_status),
+            "by_path": dict(by_path),
+            "by_key": {key: dict(counts) for key, counts in by_key.items()},
+        }
 
 
 STATE = web.AppKey("fake_state", FakeState)
