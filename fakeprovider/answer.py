@@ -1,54 +1,51 @@
-"""What the fake provider answers: directives read from the prompt, and the reply derived from it.
+"""What the fake provider answers: the reply derived from the prompt and its directives.
 
 Nothing here knows a wire format; `dialects` spells an `Answer` as Anthropic or OpenAI.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-StopReason = Literal["end_turn", "max_tokens", "tool_use"]
+# Re-exported: callers read directives and answers from one place.
+from fakeprovider.directives import Directives, InvalidRequest, parse_directives
+
+__all__ = [
+    "Answer",
+    "Directives",
+    "InvalidRequest",
+    "Prompt",
+    "StopReason",
+    "ThinkingDisplay",
+    "ToolCall",
+    "build_answer",
+    "count_words",
+    "cut_at_stop",
+    "first_words",
+    "huge_filler",
+    "lead_split",
+    "new_id",
+    "parse_directives",
+    "sign_thinking",
+    "split_json",
+    "split_text",
+]
+
+StopReason = Literal["end_turn", "max_tokens", "tool_use", "stop_sequence"]
+# How the request asked to see thinking: "shown" (summarized or full text) or "omitted" (an
+# empty `thinking` text, the signature only).
+ThinkingDisplay = Literal["shown", "omitted"]
 
 TOOL_CALL_TOKENS = 10
 MIN_TOOL_JSON_PIECES = 3
 
-_DIRECTIVE = re.compile(r"\[\[fake:([^\]]*)\]\]")
-_DIRECTIVE_WITH_SPACE = re.compile(r"\s*\[\[fake:[^\]]*\]\]\s*")
 _WORD = re.compile(r"\S+")
 _WORD_WITH_SPACE = re.compile(r"\s*\S+\s*|\s+")
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
-
-
-class InvalidRequest(ValueError):
-    """The request (or a directive in it) is malformed: answered with a 400."""
-
-
-@dataclass(frozen=True)
-class Directives:
-    delay: float = 0.0
-    status: int | None = None
-    retry_after: str | None = None
-    fail_times: int | None = None
-    tool: str | None = None
-    tools: int = 1
-    blocks: int = 1
-    chunks: int | None = None
-    stream_delay: float = 0.0
-    error_after: int | None = None
-    # Restrict `status` / `fail_*` to one model or one presented API key (fallback and
-    # key-rotation tests): other models and keys are answered normally.
-    fail_model: str | None = None
-    fail_key: str | None = None
-
-    @property
-    def failure_status(self) -> int | None:
-        """The status to fail with, if this request is meant to fail at all."""
-        if self.fail_times is not None:
-            return self.status or 500
-        return self.status
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,8 @@ class Prompt:
     max_tokens: int | None = None
     stream: bool = False
     include_usage: bool = False
+    stop_sequences: tuple[str, ...] = ()
+    thinking: ThinkingDisplay | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,13 @@ class Answer:
     stop_reason: StopReason
     input_tokens: int
     output_tokens: int
+    # The thinking block, when the request enabled thinking: its text ("" when the display is
+    # omitted) and the signature of the full thinking text.
+    thinking: str | None = None
+    signature: str | None = None
+    stop_sequence: str | None = None
+    # How many leading characters of the first text block go out as one delta (`huge_delta`).
+    lead: int = 0
 
 
 @dataclass
@@ -104,99 +110,64 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def parse_directives(text: str) -> tuple[Directives, str]:
-    """Read every `[[fake:NAME=VALUE,...]]` in `text`; return them and the text without them."""
-    values: dict[str, Any] = {}
-    for match in _DIRECTIVE.finditer(text):
-        for item in match.group(1).split(","):
-            name, sep, value = item.strip().partition("=")
-            _apply(values, name.strip(), value.strip() if sep else None)
-    clean = _DIRECTIVE_WITH_SPACE.sub(" ", text).strip()
-    return Directives(**values), clean
+def sign_thinking(thinking: str) -> str:
+    """A stable stand-in for Anthropic's opaque signature: base64 of the text's SHA-256, so a
+    test can check that a thinking block came back unaltered."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
 
 
-def _apply(values: dict[str, Any], name: str, value: str | None) -> None:
-    if name == "fail_once":
-        values["fail_times"] = 1
-        values["status"] = 500 if value is None else _status(name, value)
-        return
-    if value is None:
-        raise InvalidRequest(f"fake directive {name!r} needs a value: [[fake:{name}=...]]")
-    if name in ("delay", "stream_delay"):
-        values[name] = _number(name, value)
-    elif name == "retry_after":
-        _number(name, value)
-        values[name] = value  # sent back exactly as written
-    elif name == "status":
-        values[name] = _status(name, value)
-    elif name in ("fail_times", "tools", "blocks", "chunks"):
-        values[name] = _integer(name, value, minimum=1)
-    elif name == "error_after":
-        values[name] = _integer(name, value, minimum=0)
-    elif name in ("fail_model", "fail_key"):
-        values[name] = value
-    elif name == "tool":
-        if not _TOOL_NAME.match(value):
-            raise InvalidRequest(f"fake directive tool={value!r}: not a valid tool name")
-        values[name] = value
-    else:
-        # A typo must not let a test pass silently with the default behaviour.
-        raise InvalidRequest(f"unknown fake directive {name!r}")
-
-
-def _number(name: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidRequest(f"fake directive {name}={value!r}: not a number") from None
-    if not number >= 0:
-        raise InvalidRequest(f"fake directive {name}={value!r}: must be >= 0")
-    return number
-
-
-def _integer(name: str, value: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidRequest(f"fake directive {name}={value!r}: not an integer") from None
-    if number < minimum:
-        raise InvalidRequest(f"fake directive {name}={value!r}: must be >= {minimum}")
-    return number
-
-
-def _status(name: str, value: str) -> int:
-    code = _integer(name, value, minimum=400)
-    if code > 599:
-        raise InvalidRequest(f"fake directive {name}={value!r}: must be a 4xx or 5xx status")
-    return code
+def huge_filler(size: int) -> str:
+    """`size` bytes that count as one word: a run of `x` and a space before the reply."""
+    return "x" * (size - 1) + " "
 
 
 def build_answer(
     prompt: Prompt, directives: Directives, clean_text: str, answer_id: str, tool_id_prefix: str
 ) -> Answer:
-    """Derive the reply from the prompt, cut to `max_tokens` words (a tool call costs 10)."""
+    """Derive the reply from the prompt, in the order a model writes it: thinking, text, tool
+    calls. `max_tokens` counts words (a tool call costs 10) across all three, thinking included
+    as Anthropic bills it; a stop sequence ends the text before its first match."""
+    budget = _Budget(prompt.max_tokens)
+    thinking = signature = None
+    thought_words = 0
+    if prompt.thinking is not None:
+        thought = f"thinking about: {clean_text}"
+        thought_words = budget.take(count_words(thought))
+        thought = first_words(thought, thought_words)
+        signature = sign_thinking(thought)
+        # An omitted display hides the text, not its cost: output_tokens still counts it.
+        thinking = thought if prompt.thinking == "shown" else ""
     reply = f"echo: {clean_text}"
     if directives.blocks == 1:
         candidates = [reply]
     else:
         candidates = [f"{reply} [{i}]" for i in range(directives.blocks)]
-    budget = _Budget(prompt.max_tokens)
+    filler = huge_filler(directives.huge_delta) if directives.huge_delta else ""
+    candidates[0] = filler + candidates[0]
+    candidates, stop_sequence = cut_at_stop(candidates, prompt.stop_sequences)
     texts: list[str] = []
-    for text in candidates:
+    for text in [] if budget.cut else candidates:
         words = count_words(text)
         kept = budget.take(words)
-        if kept:
+        if kept or (words == 0 and text):
             texts.append(text if kept == words else first_words(text, kept))
         if budget.cut:
             break
     tool_calls: list[ToolCall] = []
-    if directives.tool is not None:
+    if directives.tool is not None and stop_sequence is None:
         for n in range(1, directives.tools + 1):
             if budget.cut or budget.take(TOOL_CALL_TOKENS) < TOOL_CALL_TOKENS:
                 break
             call_input = {"query": clean_text, "n": n}
             tool_calls.append(ToolCall(new_id(tool_id_prefix), directives.tool, call_input))
-    stop: StopReason = "max_tokens" if budget.cut else "tool_use" if tool_calls else "end_turn"
+    stop: StopReason
+    if budget.cut:
+        stop, stop_sequence = "max_tokens", None
+    elif stop_sequence is not None:
+        stop = "stop_sequence"
+    else:
+        stop = "tool_use" if tool_calls else "end_turn"
+    text_words = sum(count_words(t) for t in texts)
     return Answer(
         id=answer_id,
         model=prompt.model,
@@ -204,12 +175,34 @@ def build_answer(
         tool_calls=tool_calls,
         stop_reason=stop,
         input_tokens=max(1, prompt.input_words),
-        output_tokens=sum(count_words(t) for t in texts) + TOOL_CALL_TOKENS * len(tool_calls),
+        output_tokens=thought_words + text_words + TOOL_CALL_TOKENS * len(tool_calls),
+        thinking=thinking,
+        signature=signature,
+        stop_sequence=stop_sequence,
+        lead=min(len(filler), len(texts[0])) if filler and texts else 0,
     )
+
+
+def cut_at_stop(texts: list[str], stops: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """The texts up to (not including) the first stop sequence a model would have written, and
+    that sequence. "First" is the match that ends first, as generation stops the moment a
+    sequence is complete; among matches ending at the same place, the longest."""
+    for index, text in enumerate(texts):
+        best: tuple[int, int, str] | None = None  # (end, -length, sequence)
+        for stop in stops:
+            at = text.find(stop) if stop else -1
+            if at >= 0 and (best is None or (at + len(stop), -len(stop)) < best[:2]):
+                best = (at + len(stop), -len(stop), stop)
+        if best is not None:
+            end, negative_length, stop = best
+            return [*texts[:index], text[: end + negative_length]], stop
+    return texts, None
 
 
 def first_words(text: str, n: int) -> str:
     """`text` up to the end of its n-th word, spacing kept."""
+    if n <= 0:
+        return ""
     matches = list(_WORD.finditer(text))
     return text if n >= len(matches) else text[: matches[n - 1].end()]
 
@@ -224,6 +217,11 @@ def split_text(text: str, pieces: int | None) -> list[str]:
     if pieces is None:
         return _WORD_WITH_SPACE.findall(text)
     return _even_split(text, min(pieces, len(text)))
+
+
+def lead_split(text: str, lead: int, pieces: int | None) -> list[str]:
+    """`split_text`, but the first `lead` characters in one piece of their own (`huge_delta`)."""
+    return ([text[:lead]] if lead else []) + split_text(text[lead:], pieces)
 
 
 def split_json(encoded: str, pieces: int | None) -> list[str]:

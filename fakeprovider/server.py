@@ -8,65 +8,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
 
+from fakeprovider import admin, models
 from fakeprovider.answer import (
-    Answer,
     Directives,
     InvalidRequest,
+    Prompt,
     build_answer,
     new_id,
     parse_directives,
 )
 from fakeprovider.dialects import AnthropicDialect, Dialect, OpenAIDialect
+from fakeprovider.ratelimit import Allowance, Limiter, RateLimit, presented_key
+from fakeprovider.state import STATE, Call, FakeState
+from fakeprovider.stream import stream_answer
 
-RECORDED_HEADERS = ("x-api-key", "authorization", "anthropic-version", "anthropic-beta")
-STREAM_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+# Anthropic's limit for Messages and count_tokens bodies; larger ones get its 413.
+MAX_BODY = 32 * 1024 * 1024
+REQUEST_ID_PREFIX = "req_fake_"
 
-
-@dataclass
-class Call:
-    """One recorded request; updated in place while it is answered."""
-
-    id: str
-    path: str
-    model: str | None = None
-    text: str | None = None
-    stream: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-    status: int | None = None
-    finished: bool = False
-    cancelled: bool = False
+# Answers a request whose prompt and directives were read and which is not meant to fail.
+Respond = Callable[
+    [web.Request, Call, Prompt, Directives, str, dict[str, str]], Awaitable[web.StreamResponse]
+]
 
 
-@dataclass
-class FakeState:
-    calls: list[Call] = field(default_factory=list)
-    # How many times each (path, prompt text) has failed, for `fail_times` / `fail_once`.
-    failures: dict[tuple[str, str], int] = field(default_factory=dict)
+def create_app(rate_limit: RateLimit | None = None, *, max_body: int = MAX_BODY) -> web.Application:
+    """The fake provider; `rate_limit` None answers every request (see `run` for the
+    environment, `POST /_fake/config` to change it while running)."""
+    app = web.Application(client_max_size=max_body)
+    app[STATE] = FakeState(limiter=Limiter(rate_limit))
+    anthropic, openai = AnthropicDialect(), OpenAIDialect()
 
-    def failure_status(self, path: str, text: str, directives: Directives) -> int | None:
-        """The status this request must fail with, or None to answer normally."""
-        status = directives.failure_status
-        if status is None or directives.fail_times is None:
-            return status
-        key = (path, text)
-        failed = self.failures.get(key, 0)
-        if failed >= directives.fail_times:
-            return None
-        self.failures[key] = failed + 1
-        return status
+    async def messages(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, anthropic, anthropic.parse, _answer(anthropic))
 
-    def clear(self) -> None:
-        self.calls.clear()
-        self.failures.clear()
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await _serve(request, openai, openai.parse, _answer(openai))
+
+    async def count_tokens(request: web.Request) -> web.StreamResponse:
+        # Failure directives (`status`, `fail_*`, `delay`) act here too; the answer-shaping
+        # ones have nothing to shape, so they are read but not refused.
+        return await _serve(request, anthropic, anthropic.parse_count, _count, answers=False)
+
+    async def list_or_get_model(request: web.Request) -> web.StreamResponse:
+        return await _models(request, anthropic)
+
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_or_get_model)
+    app.router.add_get("/v1/models/{model_id}", list_or_get_model)
+    admin.add_routes(app)
+    app.on_shutdown.append(_release_stalled)
+    return app
 
 
-STATE = web.AppKey("fake_state", FakeState)
+async def _release_stalled(app: web.Application) -> None:
+    app[STATE].stopping.set()
 
 
 def _targets(directives: Directives, model: str, request: web.Request) -> bool:
@@ -74,43 +79,60 @@ def _targets(directives: Directives, model: str, request: web.Request) -> bool:
     if directives.fail_model is not None and model != directives.fail_model:
         return False
     if directives.fail_key is not None:
-        auth = request.headers.get("authorization", "")
-        key = request.headers.get("x-api-key") or auth.removeprefix("Bearer ").strip()
-        return key == directives.fail_key
+        return presented_key(request.headers) == directives.fail_key
     return True
 
 
-def create_app() -> web.Application:
-    app = web.Application()
-    app[STATE] = FakeState()
-    anthropic, openai = AnthropicDialect(), OpenAIDialect()
-
-    async def messages(request: web.Request) -> web.StreamResponse:
-        return await _complete(request, anthropic)
-
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await _complete(request, openai)
-
-    app.router.add_post("/v1/messages", messages)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/_fake/calls", _list_calls)
-    app.router.add_delete("/_fake/calls", _clear_calls)
-    app.router.add_get("/healthz", _healthz)
-    return app
-
-
-async def _complete(request: web.Request, dialect: Dialect) -> web.StreamResponse:
-    state = request.app[STATE]
-    headers = {name: request.headers[name] for name in RECORDED_HEADERS if name in request.headers}
-    call = Call(id=new_id(dialect.answer_id_prefix), path=request.path, headers=headers)
-    state.calls.append(call)
+async def _record(request: web.Request, call_id: str, request_id: str) -> tuple[Call, bytes | None]:
+    """Record the call as it arrived; the body is None when it is over the size limit."""
+    body: bytes | None
     try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        body = None
+    call = Call.arrived(request, call_id, request_id, body or b"")
+    request.app[STATE].calls.append(call)
+    return call, body
+
+
+def _limited(allowance: Allowance) -> str:
+    return (
+        f"fake provider rate limit: {allowance.rate:g} requests per second for this API key "
+        f"(bucket of {allowance.limit}); retry after {allowance.retry_after}s"
+    )
+
+
+async def _serve(
+    request: web.Request,
+    dialect: Dialect,
+    parse: Callable[[bytes], Prompt],
+    respond: Respond,
+    answers: bool = True,
+) -> web.StreamResponse:
+    """Record, rate-limit, validate, then fail or answer as the directives say."""
+    state = request.app[STATE]
+    request_id = new_id(REQUEST_ID_PREFIX)
+    call_id = new_id(dialect.answer_id_prefix) if answers else request_id
+    call, body = await _record(request, call_id, request_id)
+    try:
+        if body is None:
+            error = dialect.error_body(413, "request body too large", request_id)
+            return await _send(request, call, 413, error, dialect.headers(request_id, None))
+        allowance = state.limiter.take(presented_key(request.headers))
+        headers = dialect.headers(request_id, allowance)
+        if allowance is not None and not allowance.allowed:
+            error = dialect.error_body(429, _limited(allowance), request_id)
+            return await _send(request, call, 429, error, headers)
         try:
-            prompt = dialect.parse(await request.read())
+            prompt = parse(body)
             call.model, call.text, call.stream = prompt.model, prompt.text, prompt.stream
             directives, clean_text = parse_directives(prompt.text)
+            if answers:
+                directives.check_mode(prompt.stream)
         except InvalidRequest as exc:
-            return await _send(request, call, 400, dialect.error_body(400, str(exc)))
+            return await _send(
+                request, call, 400, dialect.error_body(400, str(exc), request_id), headers
+            )
         # Decided on arrival, so concurrent retries of a prompt fail a predictable number of times.
         failure = None
         if _targets(directives, prompt.model, request):
@@ -118,17 +140,77 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         if directives.delay:
             await asyncio.sleep(directives.delay)
         if failure is not None:
-            retry = {"retry-after": directives.retry_after} if directives.retry_after else {}
-            body = dialect.error_body(failure, f"fake provider failure {failure}")
-            return await _send(request, call, failure, body, retry)
-        answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
-        if prompt.stream:
-            return await _stream(request, call, dialect, answer, directives, prompt.include_usage)
-        return await _send(request, call, 200, dialect.message(answer))
+            if directives.retry_after:
+                headers["retry-after"] = directives.retry_after
+            error = dialect.error_body(failure, f"fake provider failure {failure}", request_id)
+            return await _send(request, call, failure, error, headers)
+        return await respond(request, call, prompt, directives, clean_text, headers)
     except asyncio.CancelledError:
         # handler_cancellation: the client went away (during `delay`, or while we wrote).
         call.cancelled = True
         raise
+
+
+def _answer(dialect: Dialect) -> Respond:
+    async def respond(
+        request: web.Request,
+        call: Call,
+        prompt: Prompt,
+        directives: Directives,
+        clean_text: str,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        answer = build_answer(prompt, directives, clean_text, call.id, dialect.tool_id_prefix)
+        if prompt.stream:
+            stopping = request.app[STATE].stopping
+            return await stream_answer(
+                request, call, dialect, answer, directives, prompt.include_usage, headers, stopping
+            )
+        body = dialect.message(answer)
+        if directives.bad_json:
+            # A proper prefix of a JSON object is never valid JSON: a body cut in transit.
+            call.fault = "bad_json"
+            body = body[: len(body) // 2]
+        return await _send(request, call, 200, body, headers)
+
+    return respond
+
+
+async def _count(
+    request: web.Request,
+    call: Call,
+    prompt: Prompt,
+    directives: Directives,
+    clean_text: str,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    body = orjson.dumps({"input_tokens": max(1, prompt.input_words)})
+    return await _send(request, call, 200, body, headers)
+
+
+async def _models(request: web.Request, dialect: AnthropicDialect) -> web.StreamResponse:
+    """`GET /v1/models[/{id}]`: recorded, never rate-limited (the headers show the bucket)."""
+    request_id = new_id(REQUEST_ID_PREFIX)
+    call, _ = await _record(request, request_id, request_id)
+    headers = dialect.headers(
+        request_id, request.app[STATE].limiter.peek(presented_key(request.headers))
+    )
+    model_id = request.match_info.get("model_id")
+    call.model = model_id
+    try:
+        if model_id is None:
+            payload = models.page(request.query)
+        else:
+            model = models.find(model_id)
+            if model is None:
+                error = dialect.error_body(404, f"model: {model_id}", request_id)
+                return await _send(request, call, 404, error, headers)
+            payload = model.to_json()
+    except InvalidRequest as exc:
+        return await _send(
+            request, call, 400, dialect.error_body(400, str(exc), request_id), headers
+        )
+    return await _send(request, call, 200, orjson.dumps(payload), headers)
 
 
 async def _send(
@@ -136,13 +218,12 @@ async def _send(
     call: Call,
     status: int,
     body: bytes,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     """Write a JSON answer here rather than returning it, so `finished` is known to be true."""
     response = web.Response(
         status=status, body=body, content_type="application/json", headers=headers
     )
-    response.headers["request-id"] = new_id("req_fake_")
     call.status = status
     try:
         await response.prepare(request)
@@ -154,62 +235,16 @@ async def _send(
     return response
 
 
-async def _stream(
-    request: web.Request,
-    call: Call,
-    dialect: Dialect,
-    answer: Answer,
-    directives: Directives,
-    include_usage: bool,
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    response.headers["request-id"] = new_id("req_fake_")
-    call.status = 200
-    try:
-        await response.prepare(request)
-        deltas = 0
-        for number, frame in enumerate(dialect.frames(answer, directives.chunks, include_usage)):
-            if number and directives.stream_delay:
-                await asyncio.sleep(directives.stream_delay)
-            if directives.error_after is not None and (
-                frame.kind == "tail" or (frame.kind == "delta" and deltas == directives.error_after)
-            ):
-                await response.write(dialect.stream_error)
-                break
-            await response.write(frame.data)
-            deltas += frame.kind == "delta"
-        await response.write_eof()
-    except ConnectionError:
-        # The peer left and we learnt it from a write, not a cancellation (a runner without
-        # handler_cancellation, or a race); aiohttp ignores it when finishing the response.
-        call.cancelled = True
-        return response
-    call.finished = True
-    return response
-
-
-async def _list_calls(request: web.Request) -> web.Response:
-    body = orjson.dumps(request.app[STATE].calls)
-    return web.Response(body=body, content_type="application/json")
-
-
-async def _clear_calls(request: web.Request) -> web.Response:
-    request.app[STATE].clear()
-    return web.Response(status=204)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(body=orjson.dumps({"ok": True}), content_type="application/json")
-
-
-def run(host: str = "127.0.0.1", port: int = 8090) -> None:
-    """Serve until SIGINT / SIGTERM."""
+def run(host: str = "127.0.0.1", port: int = 8090, env: Mapping[str, str] | None = None) -> None:
+    """Serve until SIGINT / SIGTERM; the rate limit comes from FAKE_PROVIDER_RPS,
+    FAKE_PROVIDER_BURST and FAKE_PROVIDER_KEY_LIMITS (a malformed value stops the start)."""
+    rate_limit = RateLimit.from_env(os.environ if env is None else env)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(host, port))
+        asyncio.run(_serve_forever(host, port, rate_limit))
 
 
-async def _serve(host: str, port: int) -> None:
-    runner = web.AppRunner(create_app(), handler_cancellation=True)
+async def _serve_forever(host: str, port: int, rate_limit: RateLimit | None) -> None:
+    runner = web.AppRunner(create_app(rate_limit), handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -238,9 +238,12 @@ async def test_status_directive_raises_the_sdk_error(
             model="m", max_tokens=10, messages=user("x [[fake:status=529]]")
         )
     assert overloaded.value.status_code == 529
+    request_id = overloaded.value.response.headers["request-id"]
+    assert request_id.startswith("req_fake_")
     assert overloaded.value.body == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": "fake provider failure 529"},
+        "request_id": request_id,
     }
     with pytest.raises(anthropic.RateLimitError) as limited:
         await client.messages.create(
@@ -300,9 +303,11 @@ async def test_error_after_breaks_the_sdk_stream(client: anthropic.AsyncAnthropi
             async for text in stream.text_stream:
                 texts.append(text)
     assert texts == ["echo: ", "a "]
+    request_id = stream.response.headers["request-id"]
     assert raised.value.body == {
         "type": "error",
         "error": {"type": "overloaded_error", "message": "fake provider failure mid-stream"},
+        "request_id": request_id,
     }
 
 
@@ -328,7 +333,13 @@ async def test_sse_bytes_follow_anthropic_sequence(http: ClientSession, base_url
     assert names.count("ping") == 1
     assert frames[0][1]["message"]["usage"]["input_tokens"] == 3  # directives are words too
     assert frames[-2][1]["delta"]["stop_reason"] == "tool_use"
-    assert frames[-2][1]["usage"] == {"output_tokens": 13}
+    # Cumulative, as Anthropic sends it: input and cache counts repeated with the output.
+    assert frames[-2][1]["usage"] == {
+        "input_tokens": 3,
+        "output_tokens": 13,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 async def test_bad_requests_get_the_anthropic_envelope(http: ClientSession, base_url: str) -> None:
