@@ -228,7 +228,7 @@ class Scripted:
         yield  # pragma: no cover
 
 
-def entry(provider: Scripted, keys: list[str] = ["k"], attempts: int = 3) -> ProviderEntry:
+def entry(provider: Scripted, keys: tuple[str, ...] = ("k",), attempts: int = 3) -> ProviderEntry:
     return ProviderEntry(provider, KeyPool([(k, 1.0) for k in keys], 60),
                          RetryPolicy(attempts, 0.0, 1.0))
 
@@ -276,7 +276,7 @@ async def test_no_fallback_for_client_errors() -> None:
 
 async def test_401_moves_to_the_next_key_at_once() -> None:
     primary = Scripted([err(401)])
-    providers = ProviderSet({"anthropic": entry(primary, keys=["a", "b"])})
+    providers = ProviderSet({"anthropic": entry(primary, keys=("a", "b"))})
     await providers.call(envelope(), create, Attempts())
     assert len(primary.keys) == 2 and set(primary.keys) == {"a", "b"}
 

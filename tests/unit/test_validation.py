@@ -130,7 +130,8 @@ REFUSED: list[Any] = [
     pytest.param(req(messages=user({"text": "Hi"})), "messages.0.content.0.type: Field required",
                  id="block_without_type"),
     pytest.param(req(messages=user({"type": 7})),
-                 "messages.0.content.0.type: must be a string, got a number", id="block_type_number"),
+                 "messages.0.content.0.type: must be a string, got a number",
+                 id="block_type_number"),
     pytest.param(req(stream="yes"), "stream: must be a boolean, got a string", id="stream_yes"),
 ]
 
