@@ -97,7 +97,7 @@ class AnthropicDialect:
             model=model,
             text=last_user_text(messages),
             input_words=input_words(data, messages),
-            max_tokens=max_tokens(data, "max_tokens"),
+            max_tokens=max_tokens(data, "max_tokens", minimum=0),
             stream=data.get("stream") is True,
             stop_sequences=string_list(data, "stop_sequences"),
             thinking=_thinking(data.get("thinking")),

@@ -70,10 +70,12 @@ def model_and_messages(data: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]
     return model, messages
 
 
-def max_tokens(data: dict[str, Any], *fields: str) -> int | None:
+def max_tokens(data: dict[str, Any], *fields: str, minimum: int = 1) -> int | None:
+    """Anthropic takes 0 (a cache warm-up that generates nothing); OpenAI wants at least 1."""
     value = next((data[f] for f in fields if data.get(f) is not None), None)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise InvalidRequest(f"{fields[0]}: must be an integer >= 1")
+    if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise InvalidRequest(f"{fields[0]}: must be an integer >= {minimum}")
     return value
 
 

@@ -159,7 +159,10 @@ async def test_a_provider_error_mid_stream_raises_after_the_first_text(
             async for piece in stream.text_stream:
                 received.append(piece)
     assert received == ["echo: ", "one "]  # the two deltas before the failure
-    assert raised.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+    body = dict(raised.value.body)  # type: ignore[call-overload]
+    # The provider's own error event, relayed as it came (its request id included).
+    assert body.pop("request_id").startswith("req_fake_")
+    assert body == {"type": "error", "error": {
         "type": "overloaded_error", "message": "fake provider failure mid-stream"}}
 
 
@@ -222,9 +225,13 @@ async def test_a_rejected_request_is_a_bad_request_not_retried(
                 await events.get_final_message()
         else:
             await create(client, text)
-    assert raised.value.body == {"type": "error", "error": {  # type: ignore[comparison-overlap]
+    body = dict(raised.value.body)  # type: ignore[call-overload]
+    # The provider's error body and request id, relayed; Ferry's own id beside it.
+    assert body.pop("request_id") == raised.value.response.headers["request-id"]
+    assert body == {"type": "error", "error": {
         "type": "invalid_request_error", "message": "fake provider failure 400"}}
-    assert raised.value.response.headers["request-id"].startswith("req_")
+    assert raised.value.response.headers["request-id"].startswith("req_fake_")
+    assert raised.value.response.headers["x-ferry-request-id"].startswith("req_")
     assert len(await fake_calls(ferry.fake_url, text)) == 1
 
 

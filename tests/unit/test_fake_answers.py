@@ -351,3 +351,11 @@ async def test_count_tokens_takes_no_max_tokens_and_obeys_failure_directives(
     assert (status, orjson.loads(raw)) == (200, {"input_tokens": 1})
     status, raw = await post(http, url, {"model": "m", "messages": user("x [[fake:status=529]]")})
     assert status == 529 and orjson.loads(raw)["error"]["type"] == "overloaded_error"
+
+
+async def test_max_tokens_zero_generates_nothing(client: anthropic.AsyncAnthropic) -> None:
+    """Anthropic takes max_tokens 0 (it warms the prompt cache): an answer with no content."""
+    message = await client.messages.create(model="claude-test", max_tokens=0,
+                                           messages=[{"role": "user", "content": "hi there"}])
+    assert (message.content, message.stop_reason, message.usage.output_tokens) == (
+        [], "max_tokens", 0)
