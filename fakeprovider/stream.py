@@ -79,15 +79,15 @@ async def stream_answer(
 async def _drop(request: web.Request) -> None:
     """Close the connection mid-body: no closing chunk, so the client sees a broken transfer.
 
-    `abort()` throws away what asyncio has not yet handed to the socket, so that is flushed
-    first: the client receives every delta sent before the cut.
+    A close, not an abort: an abort can send a reset, and a reset lets the client's kernel
+    throw away bytes that already arrived. Closing after a flush delivers every delta sent
+    before the cut, every time, which is what tests of a gateway need to count on.
     """
     transport = request.transport
     if transport is None or transport.is_closing():
         return
-    transport.set_write_buffer_limits(high=0)
     await request.writer.drain()
-    transport.abort()
+    transport.close()
 
 
 async def _stall(request: web.Request, call: Call, stopping: asyncio.Event) -> None:

@@ -291,9 +291,9 @@ FINISH = data({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason"
 
 @pytest.mark.parametrize(("parts", "last"), [
     ([b": ping\n\n", TEXT[:9], TEXT[9:], FINISH], ("message_stop", None)),
-    ([TEXT], ("error", "the provider's stream ended before it finished")),
-    ([TEXT, b"data: {not json\n\n"], ("error", "the provider sent invalid stream data")),
-    ([TEXT, 1.0, FINISH], ("error", "provider `scripted` stopped sending")),
+    ([TEXT], ("error", "api_error: the provider's stream ended before it finished")),
+    ([TEXT, b"data: {not json\n\n"], ("error", "api_error: the provider sent invalid stream data")),
+    ([TEXT, 1.0, FINISH], ("error", "timeout_error: provider `scripted` stopped sending")),
     ([TEXT, FINISH, b"data: [DONE]\n\n", TEXT], ("message_stop", None)),
 ])
 async def test_stream_endings(http: ClientSession, parts: list[bytes | float],
@@ -310,7 +310,8 @@ async def test_stream_endings(http: ClientSession, parts: list[bytes | float],
     name, message = last
     assert events[-1][0] == name
     if message is not None:
-        assert events[-1][1]["error"] == {"type": "api_error", "message": message}
+        error_type, _, text = message.partition(": ")
+        assert events[-1][1]["error"] == {"type": error_type, "message": text}
     else:
         assert [n for n, _ in events].count("content_block_delta") == 1
 
@@ -322,7 +323,7 @@ RATE_LIMITED = data({"error": {"message": "slow down", "type": "requests",
 @pytest.mark.parametrize(("parts", "expected"), [
     ([RATE_LIMITED], (429, "rate_limit_error", "slow down")),
     ([], (502, "api_error", "the provider's stream ended before it finished")),
-    ([1.0, TEXT], (502, "api_error", "provider `scripted` stopped sending")),
+    ([1.0, TEXT], (504, "timeout_error", "provider `scripted` stopped sending")),
 ])
 async def test_stream_fails_before_first_event(
     http: ClientSession, parts: list[bytes | float], expected: tuple[int, str, str]

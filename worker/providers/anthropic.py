@@ -19,6 +19,7 @@ from worker.providers.base import (
     ProviderResponse,
     SSEEvent,
     SSEParser,
+    leftover,
     parse_retry_after,
     relayed_headers,
     unreachable,
@@ -207,8 +208,13 @@ class AnthropicProvider:
         except ValueError as exc:  # an event over the size limit
             yield stream_error("api_error", f"provider `{self.name}` sent {exc}")
         except asyncio.TimeoutError:
-            yield stream_error("api_error", f"provider `{self.name}` stopped sending")
+            yield stream_error("timeout_error", f"provider `{self.name}` stopped sending")
         except TRANSPORT_ERRORS as exc:
+            try:
+                for event in parser.feed(leftover(resp.content)):
+                    yield event
+            except ValueError:
+                pass
             yield stream_error(
                 "api_error",
                 f"the connection to provider `{self.name}` broke mid-stream "

@@ -113,6 +113,17 @@ def unreachable(provider: str, exc: BaseException) -> ProviderError:
 TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+def leftover(content: aiohttp.StreamReader) -> bytes:
+    """Bytes that arrived together with a broken transfer. aiohttp raises the transfer error
+    before handing over data already buffered, so the last events an upstream sent before
+    dropping the connection would be lost; they are taken here, through aiohttp's private
+    `_read_nowait` (test_stream_faults covers it, should aiohttp change)."""
+    try:
+        return content._read_nowait(-1) if content._buffer else b""
+    except Exception:
+        return b""
+
+
 @dataclass(frozen=True, slots=True)
 class SSEEvent:
     """One Server-Sent Event in Anthropic's stream format: `event: {event}\ndata: {data}\n\n`.

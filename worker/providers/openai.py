@@ -24,6 +24,7 @@ from worker.providers.base import (
     ProviderError,
     ProviderResponse,
     SSEEvent,
+    leftover,
     unreachable,
 )
 from worker.providers.openai_stream import OpenAIStreamTranslator, SSEDataParser
@@ -48,6 +49,7 @@ _ERROR_STATUSES = {
     "not_found_error": 404,
     "request_too_large": 413,
     "rate_limit_error": 429,
+    "timeout_error": 504,
     "overloaded_error": 529,
 }
 
@@ -156,9 +158,10 @@ class OpenAIProvider:
                     return
             yield self._translate(parser.close(), translator)
         except TimeoutError:
-            yield translator.fail("api_error", f"provider `{self.name}` stopped sending")
+            yield translator.fail("timeout_error", f"provider `{self.name}` stopped sending")
             return
         except TRANSPORT_ERRORS as exc:
+            yield self._translate(parser.feed(leftover(resp.content)), translator)
             yield translator.fail("api_error", f"the connection to provider `{self.name}` "
                                                f"broke mid-stream ({type(exc).__name__})")
             return
