@@ -339,3 +339,15 @@ async def test_stream_fails_before_first_event(
     error = caught.value
     assert (error.status, error.error_type, error.message) == expected
     assert error.retryable is True
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e999", b"9" * 400])
+async def test_a_number_beyond_64_bits_is_refused_not_changed(http: ClientSession,
+                                                              number: bytes) -> None:
+    provider = OpenAIProvider(http, "openai", "http://127.0.0.1:9/v1", None, timeout_s=1)
+    raw = (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}],'
+           b'"tools":[{"name":"t","input_schema":{"type":"object","maximum":' + number + b"}}]}")
+    with pytest.raises(ProviderError) as raised:
+        await provider.create_message(raw, CTX)
+    assert (raised.value.status, raised.value.error_type) == (400, "invalid_request_error")
+    assert "number" in raised.value.message or "64-bit" in raised.value.message

@@ -82,6 +82,14 @@ class OpenAIProvider:
 
     def _prepare(self, body: bytes, stream: bool) -> tuple[MessagesRequest, bytes]:
         try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            # A number beyond a 64-bit float (valid JSON, which the front door forwards): the
+            # translation could only change its value, so it is refused instead.
+            raise ProviderError(400, "invalid_request_error",
+                                f"request body: holds a number provider `{self.name}` cannot "
+                                "take (beyond a 64-bit float)") from None
+        try:
             request = MessagesRequest.model_validate_json(body)
         except ValidationError as exc:
             message = describe_validation_error(exc, body)
