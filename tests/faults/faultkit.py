@@ -68,9 +68,11 @@ def decode(raw: bytes) -> Any:
 class AsyncJobLoad:
     """`async with AsyncJobLoad(url, "label", rate=100) as load:` submits from entry until the
     block ends (or `max_seconds`), then waits for the answers still due. `directive` is put
-    before each text (a `[[fake:...]]` for the fake provider)."""
+    before each text (a `[[fake:...]]` for the fake provider), or `directive(n)` before the
+    n-th."""
 
-    def __init__(self, base_url: str, label: str, *, rate: float, directive: str = "",
+    def __init__(self, base_url: str, label: str, *, rate: float,
+                 directive: str | Callable[[int], str] = "",
                  api_key: str = API_KEY, client_timeout: float = CLIENT_TIMEOUT_S,
                  max_seconds: float = 120.0) -> None:
         self.url = base_url + MESSAGES
@@ -130,7 +132,8 @@ class AsyncJobLoad:
 
     def _send(self) -> Submit:
         number = next(self._numbers)
-        text = f"{self.directive} fault {self.label} {number} {uuid.uuid4().hex}".strip()
+        directive = self.directive(number) if callable(self.directive) else self.directive
+        text = f"{directive} fault {self.label} {number} {uuid.uuid4().hex}".strip()
         submit = Submit(number, text, time.monotonic())
         self.submits.append(submit)
         task = asyncio.create_task(self._submit(submit))
@@ -212,6 +215,12 @@ async def wait_final(base_url: str, submits: Iterable[Submit], *, deadline: floa
 async def upstream_calls(fake_url: str) -> Counter[str]:
     """How many times the fake provider was called with each prompt text."""
     return Counter(c["text"] for c in await fake_calls(fake_url) if c["text"] is not None)
+
+
+async def upstream_in_flight(fake_url: str, label: str) -> int:
+    """Calls the fake provider is answering now for texts containing `label`."""
+    return sum(1 for c in await fake_calls(fake_url)
+               if c["text"] and label in c["text"] and not c["finished"] and not c["cancelled"])
 
 
 @dataclass

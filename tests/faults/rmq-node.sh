@@ -84,6 +84,7 @@ start() {
   # `await_startup` fails at once while the node is not yet in epmd; `wait PIDFILE` waits for
   # the pid file, then for the app to be running.
   ctl wait "$PIDFILE" --timeout 120 >/dev/null
+  ctl await_startup --timeout 120 >/dev/null  # `wait` has been seen to return a moment early
 }
 
 stop() {

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import orjson
-
 PREFIX = "ferryfault"
 RMQ_NODE_SCRIPT = Path(__file__).with_name("rmq-node.sh")
 COMMAND_TIMEOUT_S = 180.0  # a hang guard for pg_ctlcluster / rabbitmqctl, not an expectation
@@ -255,12 +253,14 @@ class PrivateRabbit:
 
     async def close_connections_from(self, local_ports: set[int], reason: str) -> int:
         """Close the AMQP connections whose client side uses one of `local_ports`; how many."""
-        out = await self.ctl("list_connections", "pid", "peer_port", "--formatter", "json",
-                             "--silent")
+        # Tab-separated, not JSON: only this spelling of a pid is what close_connection takes.
+        out = await self.ctl("list_connections", "pid", "peer_port", "--silent",
+                             "--no-table-headers")
         closed = 0
-        for conn in orjson.loads(out):
-            if conn["peer_port"] in local_ports:
-                await self.ctl("close_connection", conn["pid"], reason)
+        for line in out.splitlines():
+            pid, _, port = line.partition("\t")
+            if port.strip().isdigit() and int(port) in local_ports:
+                await self.ctl("close_connection", pid, reason)
                 closed += 1
         return closed
 
