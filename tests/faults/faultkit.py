@@ -74,7 +74,7 @@ class AsyncJobLoad:
     def __init__(self, base_url: str, label: str, *, rate: float,
                  directive: str | Callable[[int], str] = "",
                  api_key: str = API_KEY, client_timeout: float = CLIENT_TIMEOUT_S,
-                 max_seconds: float = 120.0) -> None:
+                 max_seconds: float = 900.0) -> None:
         self.url = base_url + MESSAGES
         self.label = label
         self.rate = rate
@@ -112,6 +112,16 @@ class AsyncJobLoad:
     async def run_for(self, seconds: float) -> None:
         """Let the load go on for `seconds` (a length of load, not a wait for anything)."""
         await asyncio.sleep(seconds)
+
+    async def until_acknowledged_after(self, since: float, within: float) -> bool:
+        """Until a submit sent at or after `since` (time.monotonic()) is acknowledged; False
+        if none is within `within` seconds (a hang guard: the summary then says so)."""
+        deadline = time.monotonic() + within
+        while not any(s.acknowledged and s.sent_at >= since for s in self.submits):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def burst(self, n: int) -> list[Submit]:
         """`n` submits at once, beside the steady rate; their records fill in as they answer."""

@@ -62,7 +62,7 @@ WARM_ACKS = 100  # acknowledged submits before the fault: the stack is busy when
 OUTAGE_S = 10.0  # PostgreSQL / RabbitMQ down
 PAUSE_S = 3.0  # api under SIGSTOP
 BURST = 64  # concurrent submits the api is killed / paused in the middle of
-AFTER_S = 4.0  # load after the fault has ended
+AFTER_S = 4.0  # load after the first acknowledgement that follows the fault
 # How long after a fault's end acknowledged jobs may take to finish: a hang guard, generous on
 # purpose; it is also how long a run against code that loses jobs waits for them.
 HANG_GUARD_S = float(os.environ.get("FERRY_FAULT_HANG_GUARD", "120"))
@@ -174,6 +174,7 @@ async def test_worker_kill_with_jobs_in_flight(stacks: Stacks) -> None:
         stack.start("worker-1", "worker")
         await stack.wait_consumers(["worker-1", "worker-2"])
         fault_end = time.monotonic()
+        await load.until_acknowledged_after(fault_end, HANG_GUARD_S)
         await load.run_for(AFTER_S)
     outcome = await measure("worker kill -9", load, stack.url, stack.fake_url,
                             fault_end=fault_end, hang_guard_s=HANG_GUARD_S)
@@ -197,6 +198,7 @@ async def test_api_kill_during_a_burst(stacks: Stacks) -> None:
         stack.start("api", "api")
         await stack.wait_ready("api", f"{stack.url}/readyz")
         fault_end = time.monotonic()
+        await load.until_acknowledged_after(fault_end, HANG_GUARD_S)
         await load.run_for(AFTER_S)
 
     def dead_api(submit: Submit) -> bool:  # nobody was there to answer these
@@ -221,6 +223,7 @@ async def test_api_paused_during_a_burst(stacks: Stacks) -> None:
         finally:
             stack.resume("api")
         fault_end = time.monotonic()
+        await load.until_acknowledged_after(fault_end, HANG_GUARD_S)
         await load.run_for(AFTER_S)
     outcome = await measure(f"api SIGSTOP {PAUSE_S:g}s mid-burst ({moment})", load,
                             stack.url, stack.fake_url, fault_end=fault_end,
@@ -241,6 +244,7 @@ async def test_postgres_stopped_under_load(stacks: Stacks,
         async with private_postgres.down():
             await asyncio.sleep(OUTAGE_S)  # the outage's length
         fault_end = time.monotonic()
+        await load.until_acknowledged_after(fault_end, HANG_GUARD_S)
         await load.run_for(AFTER_S)
     outcome = await measure(f"PostgreSQL stopped {OUTAGE_S:g}s", load, stack.url,
                             stack.fake_url, fault_end=fault_end, hang_guard_s=HANG_GUARD_S)
@@ -257,6 +261,7 @@ async def test_rabbitmq_stopped_under_load(stacks: Stacks,
         async with private_rabbit.down():
             await asyncio.sleep(OUTAGE_S)  # the outage's length
         fault_end = time.monotonic()
+        await load.until_acknowledged_after(fault_end, HANG_GUARD_S)
         await load.run_for(AFTER_S)
     outcome = await measure(f"RabbitMQ stopped {OUTAGE_S:g}s", load, stack.url,
                             stack.fake_url, fault_end=fault_end, hang_guard_s=HANG_GUARD_S)
