@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -342,10 +343,10 @@ def _ended(request: Interactive, since: float) -> str:
     return "never" if request.ended_at is None else f"{request.ended_at - since:.1f}s"
 
 
+@dataclass
 class Recovery:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.seconds = 0.0
+    problems: list[str] = field(default_factory=list)  # broken promises seen while recovering
+    seconds: float = 0.0  # until a sync request succeeded again
 
 
 async def recover_interactive(stack: Stack) -> Recovery:
