@@ -1,7 +1,7 @@
 #!/bin/bash
 # One standalone RabbitMQ node beside the system node, for fault-injection tests: its own node
 # name, AMQP port, distribution port and data directory; the system Erlang cookie, so the CLI
-# tools can talk to it. Nothing of the system node is read or touched.
+# tools can talk to it. The system node itself is never stopped, changed or reconfigured.
 #
 #   rmq-node.sh start DIR [NAME PORT DIST_PORT]   start (or restart, data kept) and wait until up;
 #                                                 NAME/ports are needed the first time only
@@ -10,6 +10,7 @@
 #   rmq-node.sh ctl DIR ARGS...                   rabbitmqctl against the node
 #   rmq-node.sh running DIR                       exit 0 if the node's process is alive
 #   rmq-node.sh destroy DIR                       kill it if alive, then delete DIR
+#   rmq-node.sh check                             exit 0 if RabbitMQ's tools are where we look
 #
 # Needs root or the rabbitmq user: the node runs as `rabbitmq` with the system cookie's HOME.
 # DIR's parent must be traversable by that user.
@@ -18,7 +19,11 @@ set -euo pipefail
 RMQ_BIN=${RMQ_BIN:-/usr/lib/rabbitmq/bin}  # not the /usr/sbin wrappers: they write the system log
 COOKIE_HOME=${RMQ_COOKIE_HOME:-/var/lib/rabbitmq}
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+if [ "${1:-}" = check ]; then
+  [ -x "$RMQ_BIN/rabbitmq-server" ] && [ -x "$RMQ_BIN/rabbitmqctl" ] && [ -d "$COOKIE_HOME" ]
+  exit
+fi
 [ $# -ge 2 ] || usage
 CMD=$1 DIR=$2
 shift 2

@@ -15,6 +15,7 @@ import fcntl
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -56,8 +57,9 @@ def missing_tools() -> str | None:
                  "pg_config", "runuser"):
         if shutil.which(tool) is None:
             return f"fault tests need {tool} (postgresql-common) on PATH"
-    if not (Path(os.environ.get("RMQ_BIN", "/usr/lib/rabbitmq/bin")) / "rabbitmq-server").exists():
-        return "fault tests need rabbitmq-server (set RMQ_BIN to its bin directory)"
+    if subprocess.run([str(RMQ_NODE_SCRIPT), "check"], check=False).returncode != 0:
+        return ("fault tests need RabbitMQ's rabbitmq-server and rabbitmqctl (set RMQ_BIN to "
+                "their directory, RMQ_COOKIE_HOME to the rabbitmq user's home)")
     return None
 
 
