@@ -172,9 +172,17 @@ class PrivatePostgres:
         postmaster = await self._postmaster_pid()
         if postmaster is None:
             return
-        for pid in [postmaster, *_children(postmaster)]:
+        doomed = [postmaster, *_children(postmaster)]
+        for pid in doomed:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # Until they are gone (reaped): a start that finds the postmaster's pid still alive
+        # refuses to run beside it.
+        deadline = asyncio.get_running_loop().time() + COMMAND_TIMEOUT_S
+        while any(_exists(pid) for pid in doomed):
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServiceError(f"PostgreSQL processes {doomed} outlived SIGKILL")
+            await asyncio.sleep(0.05)
 
     @contextlib.asynccontextmanager
     async def down(self) -> AsyncIterator[None]:
@@ -195,6 +203,11 @@ class PrivatePostgres:
             return int((data_dir / "postmaster.pid").read_text().split()[0])
         except FileNotFoundError:
             return None
+
+
+def _exists(pid: int) -> bool:
+    """Alive, or dead and not yet reaped."""
+    return Path(f"/proc/{pid}").exists()
 
 
 def _children(parent: int) -> list[int]:
