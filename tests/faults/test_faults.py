@@ -32,14 +32,13 @@ from tests.acceptance.stack import Stack
 from tests.faults.conftest import Stacks
 from tests.faults.faultkit import (
     AsyncJobLoad,
-    Interactive,
     Submit,
     is_error_envelope,
     measure,
-    send_interactive,
     upstream_calls,
     upstream_in_flight,
 )
+from tests.faults.replies import Interactive, send_interactive
 from tests.faults.services import (
     PrivatePostgres,
     PrivateRabbit,
