@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -42,6 +43,7 @@ class Stack:
     namespace: str
     database_url: str
     settings_env: dict[str, str] = field(default_factory=dict)  # FERRY_* for this stack
+    amqp_url: str | None = None  # a broker of the stack's own; None: the run's
     port: int = field(default_factory=free_port)
     fake_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -59,6 +61,10 @@ class Stack:
     def fake_url(self) -> str:
         return f"http://127.0.0.1:{self.fake_port}"
 
+    @property
+    def broker_url(self) -> str:
+        return self.amqp_url or self.run.amqp_url
+
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of every Ferry process of this stack."""
         env = {k: v for k, v in os.environ.items()
@@ -66,7 +72,7 @@ class Stack:
                and k not in ("DATABASE_URL", "AMQP_URL")}
         env.update(
             DATABASE_URL=self.database_url,
-            AMQP_URL=self.run.amqp_url,
+            AMQP_URL=self.broker_url,
             FERRY_NAMESPACE=self.namespace,
             FERRY_HOST="127.0.0.1",
             FERRY_PORT=str(self.port),
@@ -106,6 +112,14 @@ class Stack:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the process stays, its sockets stay open, nothing in it runs."""
+        self.processes[name].send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT after `pause`."""
+        self.processes[name].send_signal(signal.SIGCONT)
+
     def stop(self, name: str, timeout: float = 10.0) -> int:
         proc = self.processes[name]
         if proc.poll() is None:
@@ -120,6 +134,7 @@ class Stack:
     def stop_all(self) -> None:
         running = [p for p in self.processes.values() if p.poll() is None]
         for proc in running:
+            proc.send_signal(signal.SIGCONT)  # a paused process would not see SIGTERM
             proc.terminate()
         deadline = time.monotonic() + 10
         for proc in running:
@@ -171,7 +186,7 @@ class Stack:
     async def wait_consumers(self, names: list[str]) -> None:
         """Until the jobs queue has a consumer per worker in `names` (they have no /readyz)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        connection = await aio_pika.connect(self.run.amqp_url)
+        connection = await aio_pika.connect(self.broker_url)
         try:
             channel = await connection.channel()
             while True:
@@ -210,13 +225,21 @@ class Stack:
 async def running_stack(run: TestRun, log_dir: Path, suffix: str, *, workers: int = 2,
                         env: dict[str, str] | None = None,
                         before_start: Callable[[Stack], object] | None = None,
+                        amqp_url: str | None = None,
+                        database_server_url: str | None = None,
+                        sweeper: bool = False,
                         ) -> AsyncIterator[Stack]:
     """The fake provider, `ferry migrate` on a new database, the api and `workers` workers;
     `env` adds settings (FERRY_...) for every process; `before_start(stack)` runs once the
-    ports are chosen and before any process starts (to write a file naming them, say)."""
-    database_url = run.database_url(run.new_database_name())  # created by `ferry migrate`
+    ports are chosen and before any process starts (to write a file naming them, say).
+
+    `amqp_url` and `database_server_url` put the stack on a broker and a PostgreSQL server of
+    its own (a private one a fault test may stop) instead of the run's; its queues and its
+    database are removed there. `sweeper` also starts `ferry sweeper`."""
+    server_url = database_server_url or run.server_url
+    database_url = _with_database(server_url, run.new_database_name())  # made by `ferry migrate`
     stack = Stack(run, log_dir, run.new_namespace(suffix), database_url,
-                  dict(env or {}))
+                  dict(env or {}), amqp_url=amqp_url)
     if before_start is not None:
         before_start(stack)
     try:
@@ -226,12 +249,24 @@ async def running_stack(run: TestRun, log_dir: Path, suffix: str, *, workers: in
         names = [f"worker-{i}" for i in range(1, workers + 1)]
         for name in names:
             stack.start(name, "worker")
+        sweeper_port = free_port() if sweeper else None
+        if sweeper_port is not None:
+            stack.start("sweeper", "sweeper", env=stack.env(FERRY_METRICS_PORT=str(sweeper_port)))
         await stack.wait_ready("fake-provider", f"{stack.fake_url}/healthz")
         await stack.wait_ready("api", f"{stack.url}/readyz")
+        if sweeper_port is not None:  # it serves /metrics once its database pool is open
+            await stack.wait_ready("sweeper", f"http://127.0.0.1:{sweeper_port}/metrics")
         await stack.wait_consumers(names)
         yield stack
     finally:
         stack.stop_all()
-        await run.drop_database(database_url)
-        await run.delete_namespaces([stack.namespace])
+        # The run, or the same run id on the stack's own server and broker: removes its
+        # database and queues wherever they are.
+        where = TestRun(run.id, server_url, stack.broker_url)
+        await where.drop_database(database_url)
+        await where.delete_namespaces([stack.namespace])
+        run.namespaces.discard(stack.namespace)
 
+
+def _with_database(server_url: str, name: str) -> str:
+    return urlunsplit(urlsplit(server_url)._replace(path="/" + name))
