@@ -71,7 +71,10 @@ init() {  # first start: the files the node reads instead of the system ones
   # The system rabbitmq.conf pins the system node's listener; ours names our own port.
   printf 'listeners.tcp.local = 127.0.0.1:%s\nloopback_users.guest = true\n' "$port" \
     > "$DIR/rabbitmq.conf"
-  echo '[].' > "$DIR/advanced.config"
+  # The dead-letter worker of a quorum queue retries a refused at-least-once dead-lettering
+  # on this timer (3 min by default): short here, so a test can watch a retry happen.
+  echo '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 2000}]}].' \
+    > "$DIR/advanced.config"
   if [ "$(id -u)" = 0 ]; then chown -R rabbitmq:rabbitmq "$DIR"; fi
 }
 

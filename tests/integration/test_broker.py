@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 
 import aio_pika
@@ -99,45 +98,3 @@ async def test_a_message_rejected_without_requeue_is_dead_lettered(
     assert dead.message_id == sent.job_id.hex
     assert job_envelope(dead) == sent
     assert await broker.jobs_queue_depth() == 0
-
-
-async def test_slow_a_delayed_job_waits_for_room_instead_of_being_dropped(
-    settings: Callable[..., Settings],
-) -> None:
-    """The retry tiers dead-letter at least once: a job whose delay ran out while the jobs
-    queue is full stays parked until there is room (a classic tier would drop it). ~12 s."""
-    broker = await Broker.connect(settings(queue_max_length=1))
-    try:
-        fill = [envelope("filler 1"), envelope("filler 2")]  # a quorum queue takes one extra
-        for sent in fill:
-            await broker.publish_job(sent)
-        parked = envelope("parked")
-        await broker.publish_delayed(parked, 1)  # the 10 s tier
-        published = time.monotonic()
-        connection = broker.link.connection
-        assert connection is not None
-        channel = await connection.channel()
-        retry = await channel.declare_queue(broker.delay_queue(10), passive=True)
-        jobs = await channel.declare_queue(settings().jobs_queue, passive=True)
-
-        async def expired_but_kept() -> bool:
-            # Past its TTL (the broker has tried the full jobs queue): still here, not dropped.
-            declared = await channel.declare_queue(broker.delay_queue(10), passive=True)
-            assert declared.declaration_result.message_count == 1
-            assert await broker.jobs_queue_depth() == 2
-            return time.monotonic() - published > 11
-
-        await eventually(expired_but_kept, timeout=30, what="the tier to hold the job")
-        got = []
-        for _ in range(3):  # drain: room appears, and the parked job moves over
-            message = await eventually(lambda: jobs.get(fail=False), timeout=30,
-                                       what="a job message")
-            got.append(job_envelope(message).job_id)
-            await message.ack()
-        assert got[:2] == [f.job_id for f in fill] and got[2] == parked.job_id
-        assert (await channel.declare_queue(broker.delay_queue(10), passive=True)
-                ).declaration_result.message_count == 0
-        assert retry.name.endswith(".retry.10s")
-        await channel.close()
-    finally:
-        await broker.close()
