@@ -58,7 +58,14 @@ and empties the fake provider's call log.
    `FERRY_SWEEP_INTERVAL=1`; rows/s = N / (spawn → `job_results` empty, polled every 0.25 s).
    Async submit latency at 100 RPS open loop is measured before the sweeper starts and while
    it runs (the row says how much of the window the sweep covered).
-6. *Peer* (`--peer litellm`): LiteLLM's proxy (`litellm --config … --num_workers 2`, in
+6. *Faults* (`--only faults`): runs `pytest tests/faults -m faults` (its own stacks, on a
+   private PostgreSQL cluster and RabbitMQ node; about 3 minutes) and reports each fault's
+   summary line: async jobs acknowledged (200), completed, lost (acknowledged, never
+   completed), upstream calls beyond one per job, and the time from the fault's end to the
+   first acknowledged submit; for the broker faults, how many waiting sync/stream requests
+   were answered with the envelope, and after how long. docs/durability.md says what each
+   fault exercises.
+7. *Peer* (`--peer litellm`): LiteLLM's proxy (`litellm --config … --num_workers 2`, in
    `bench/.peer-venv`) with one model mapped to `anthropic/<model>` at the fake provider, a
    master key (it refuses to start without one) and no database; scenarios 1 and 2 are run
    against its `POST /v1/messages` with the same bodies. Ratios are Ferry / LiteLLM (< 1:

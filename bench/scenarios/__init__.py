@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.context import Bench
+from bench.scenarios.faults import run_faults
 from bench.scenarios.interactive import run_stream, run_sync
 from bench.scenarios.jobs import run_jobs
 from bench.scenarios.submit import run_submit
@@ -16,4 +17,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "submit": run_submit,
     "jobs": run_jobs,
     "sweeper": run_sweeper,
+    "faults": run_faults,
 }
