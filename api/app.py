@@ -10,9 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
+from api.admin import add_routes as add_admin_routes
 from api.admission import Admission
+from api.auth import Gate
 from api.interactive import serve_interactive
-from api.messages import count_tokens, create_message
+from api.limits import Limiter
+from api.messages import authenticate, count_tokens, create_message
 from api.middleware import errors_middleware
 from api.models import ModelCatalog, find, page
 from api.replies import ReplyRouter
@@ -23,6 +26,9 @@ from api.state import (
     BROKER,
     CATALOG,
     CHECKER,
+    GATE,
+    KEYSTORE,
+    LIMITER,
     METRICS,
     MODE,
     PROVIDERS,
@@ -38,6 +44,7 @@ from shared import runtime
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
 from shared.jobs import JobEnvelope, new_job_id
+from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
 from shared.migrate import required_version
@@ -51,10 +58,15 @@ log = get_logger("ferry.api")
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[STORE] = await Store.connect(settings.database_url, max_size=settings.db_pool_size,
-                                     timeout_s=settings.db_connect_timeout_s)
-    yield
-    await app[STORE].close()
+    app[STORE] = store = await Store.connect(settings.database_url,
+                                             max_size=settings.db_pool_size,
+                                             timeout_s=settings.db_connect_timeout_s)
+    app[KEYSTORE] = keystore = KeyStore(store)
+    app[GATE] = Gate(keystore if settings.auth == "keys" else None, settings.database_url)
+    app[LIMITER] = Limiter(keystore, settings.request_timeout_s + 60)
+    async with app[GATE].running():
+        yield
+    await store.close()
 
 
 async def _checker_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -140,6 +152,7 @@ async def _fetch_models(request: web.Request) -> bytes:
 
 async def list_models(request: web.Request) -> web.Response:
     request[MODE] = "models"
+    await authenticate(request)
     models = await request.app[CATALOG].models(lambda: _fetch_models(request))
     query = request.query
     return json_response(page(models, query.get("after_id"), query.get("before_id"),
@@ -148,6 +161,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def get_model(request: web.Request) -> web.Response:
     request[MODE] = "models"
+    await authenticate(request)
     models = await request.app[CATALOG].models(lambda: _fetch_models(request))
     return json_response(find(models, request.match_info["model_id"]))
 
@@ -175,6 +189,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    if settings.admin_key is not None:
+        add_admin_routes(app)
     return app
 
 

@@ -1,5 +1,5 @@
 """POST /anthropic/v1/messages (sync, stream, async submit and poll) and count_tokens:
-check what routing needs, publish, answer. No provider is called here."""
+authenticate, check what routing needs, publish, answer. No provider is called here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from api.auth import Principal, check_model
 from api.envelope import Inbound, build_envelope, read_inbound
 from api.headers import (
     ASYNC,
@@ -20,16 +21,9 @@ from api.headers import (
 )
 from api.interactive import serve_interactive
 from api.responses import json_bytes, json_response
-from api.state import MODE, REPLIES, SETTINGS, STORE, SUBMITS
+from api.state import GATE, LIMITER, MODE, PRINCIPAL, REPLIES, SETTINGS, STORE, SUBMITS
 from shared.errors import AuthenticationFailed, InvalidRequest, NotFound
-from shared.jobs import (
-    JobEnvelope,
-    Operation,
-    caller_hash,
-    credential_of,
-    format_job_id,
-    parse_job_id,
-)
+from shared.jobs import JobEnvelope, Operation, format_job_id, parse_job_id
 from shared.store import NewJob, body_hash
 
 
@@ -41,8 +35,18 @@ def pending_message(job_id: str, model: str) -> dict[str, object]:
     }
 
 
-def _caller(request: web.Request) -> bytes:
-    return caller_hash(request.headers.get("x-api-key"), request.headers.get("authorization"))
+async def authenticate(request: web.Request) -> Principal:
+    principal = await request.app[GATE].authenticate(request.headers)
+    request[PRINCIPAL] = principal
+    return principal
+
+
+def check_models(request: web.Request, principal: Principal, inbound: Inbound) -> None:
+    """The key may use the model asked for, and any route a fallbacks header names."""
+    check_model(principal, inbound.facts.model)
+    for route in (request.headers.get(FALLBACKS) or "").split(","):
+        if route.strip():
+            check_model(principal, route.strip())
 
 
 async def create_message(request: web.Request) -> web.StreamResponse:
@@ -50,50 +54,61 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     poll_id = headers.get(ASYNC_ID)
     if poll_id is not None:
         request[MODE] = "poll"
-        return await poll_job(request, poll_id)
+        return await poll_job(request, await authenticate(request), poll_id)
     request[MODE] = "invalid"  # until the request has been read and checked
+    principal = await authenticate(request)
     is_async = parse_async_flag(headers.get(ASYNC))
     if is_async:
         ttl = parse_ttl(headers.get(ASYNC_TTL), request.app[SETTINGS])
         key = idempotency_key(headers)
-        if not credential_of(headers.get("x-api-key"), headers.get("authorization")):
+        if principal.anonymous:
             # A job is readable by whoever presents the credential that submitted it: with
             # none, anyone without one could read it. Refuse rather than share.
             raise AuthenticationFailed("async jobs are bound to the credential that submits "
                                        "them: send x-api-key or Authorization")
     inbound = await read_inbound(request)
+    check_models(request, principal, inbound)
+    if is_async and inbound.facts.stream:
+        raise InvalidRequest("streaming is not supported for async requests")
+    limiter = request.app[LIMITER]
+    await limiter.admit(principal)
     if not is_async:
         request[MODE] = "stream" if inbound.facts.stream else "sync"
-        return await serve_interactive(request, _interactive(request, inbound, "messages"))
+        async with limiter.in_flight(principal):
+            return await serve_interactive(
+                request, _interactive(request, principal, inbound, "messages"))
     request[MODE] = "submit"
-    if inbound.facts.stream:
-        raise InvalidRequest("streaming is not supported for async requests")
-    return await submit_job(request, inbound, ttl, key)
+    return await submit_job(request, principal, inbound, ttl, key)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
     request[MODE] = "invalid"
+    principal = await authenticate(request)
     inbound = await read_inbound(request, count_tokens=True)
+    check_models(request, principal, inbound)
     request[MODE] = "count_tokens"
-    return await serve_interactive(request, _interactive(request, inbound, "count_tokens"))
+    return await serve_interactive(
+        request, _interactive(request, principal, inbound, "count_tokens"))
 
 
-def _interactive(request: web.Request, inbound: Inbound,
+def _interactive(request: web.Request, principal: Principal, inbound: Inbound,
                  operation: Operation) -> JobEnvelope:
     settings = request.app[SETTINGS]
     return build_envelope(
         request, inbound, "stream" if inbound.facts.stream else "sync", operation,
-        reply_to=request.app[REPLIES].reply_to, caller_hash=_caller(request),
-        pickup_deadline=time.time() + settings.pickup_timeout_s,
+        reply_to=request.app[REPLIES].reply_to, caller_hash=principal.owner,
+        pickup_deadline=time.time() + settings.pickup_timeout_s, key_id=principal.key_id,
     )
 
 
-async def submit_job(request: web.Request, inbound: Inbound, ttl: int,
+async def submit_job(request: web.Request, principal: Principal, inbound: Inbound, ttl: int,
                      key: str | None) -> web.Response:
-    envelope = build_envelope(request, inbound, "async")
+    envelope = build_envelope(request, inbound, "async", key_id=principal.key_id)
     route = inbound.resolution.primary
-    job = NewJob(envelope.job_id, _caller(request), "async", inbound.facts.model,
-                 route.provider, ttl, envelope.encode(), route.model, envelope.request_id)
+    job = NewJob(envelope.job_id, principal.owner, "async", inbound.facts.model,
+                 route.provider, ttl, envelope.encode(), route.model, envelope.request_id,
+                 key_id=principal.key_id,
+                 max_pending=principal.key.limits.max_pending if principal.key else None)
     status = "pending"
     job_id = job.id
     submits = request.app[SUBMITS]
@@ -107,9 +122,9 @@ async def submit_job(request: web.Request, inbound: Inbound, ttl: int,
                          headers={ASYNC_STATUS: status})
 
 
-async def poll_job(request: web.Request, poll_id: str) -> web.Response:
+async def poll_job(request: web.Request, principal: Principal, poll_id: str) -> web.Response:
     job_id = parse_job_id(poll_id)
-    view = await request.app[STORE].get_job(job_id, _caller(request)) if job_id else None
+    view = await request.app[STORE].get_job(job_id, principal.owner) if job_id else None
     if view is None:
         raise NotFound(f"async job {poll_id[:100]!r} not found (unknown, expired, or not yours)")
     status_header = {ASYNC_STATUS: view.status}

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shlex
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from pydantic import ValidationError
 
+from shared import keyscli
 from shared.broker import TopologyMismatch
 from shared.errors import FerryError
 from shared.logging import configure_logging
 from shared.migrate import SchemaOutOfDate
 from shared.providers import ProviderConfigError
-from shared.settings import Settings
+from shared.settings import Settings, env_help
 
 FAKE_PROVIDER_PORT = 8090
+
+# Start-up failures an operator fixes by configuration: one line, no traceback.
+StartupError = (SchemaOutOfDate, TopologyMismatch, ProviderConfigError)
+
+
+def _version() -> str:
+    try:
+        return version("ferry")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _migrate(settings: Settings) -> None:
@@ -26,54 +36,48 @@ def _migrate(settings: Settings) -> None:
     asyncio.run(migrate(settings.database_url))
 
 
-def _dev(settings: Settings, workers: int) -> int:
-    """Everything at once for a local run, supervised by honcho."""
-    from honcho.manager import Manager
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ferry {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
 
-    _migrate(settings)
-    env = dict(os.environ)
-    me = [sys.executable, "-m", "shared.cli"]
-    manager = Manager()
-    if settings.anthropic_api_key is None:
-        env["ANTHROPIC_BASE_URL"] = f"http://127.0.0.1:{FAKE_PROVIDER_PORT}"
-        manager.add_process(
-            "fake-provider", shlex.join([*me, "fake-provider", "--port", str(FAKE_PROVIDER_PORT)]),
-            env=env,
-        )
-    manager.add_process("api", shlex.join([*me, "api"]), env=env)
-    # Each process serves /metrics on its own port: workers 9101.., the sweeper 9100.
-    base_port = settings.metrics_port
-    for i in range(1, workers + 1):
-        port = str(base_port + i if base_port else 0)
-        manager.add_process(f"worker.{i}", shlex.join([*me, "worker"]),
-                            env={**env, "FERRY_METRICS_PORT": port})
-    manager.add_process("sweeper", shlex.join([*me, "sweeper"]),
-                        env={**env, "FERRY_METRICS_PORT": str(base_port)})
-    manager.loop()
-    return manager.returncode or 0
+    def command(name: str, help_text: str, *groups: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text,
+                              epilog=env_help(*groups),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    command("migrate", "create the database if missing and apply migrations", "database")
+    command("api", "run the HTTP front door", "database", "broker", "api", "auth", "results",
+            "providers", "logs")
+    command("worker", "run a worker that executes jobs", "database", "broker", "worker",
+            "providers", "logs")
+    command("sweeper", "delete expired results and reconcile lost jobs", "database", "broker",
+            "sweeper", "logs")
+    fake = sub.add_parser("fake-provider", help="run the fake Anthropic/OpenAI upstream",
+                          epilog="reads FAKE_PROVIDER_RPS, FAKE_PROVIDER_BURST, "
+                                 "FAKE_PROVIDER_KEY_LIMITS (docs/fake-provider.md)")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=FAKE_PROVIDER_PORT)
+    dev = command("dev", "migrate, then run the api, workers, the sweeper (and the fake "
+                         "provider when no ANTHROPIC_API_KEY is set); creates a local key "
+                         "on first run", "database", "broker", "api", "auth", "providers")
+    dev.add_argument("--workers", type=int, default=2)
+    dev.add_argument("--port", type=int, help="the api's port (default FERRY_PORT, 8080)")
+    dev.add_argument("--fake-provider-port", type=int, default=FAKE_PROVIDER_PORT)
+    dev.add_argument("--metrics-port", type=int,
+                     help="first /metrics port of the workers and sweeper "
+                          "(default FERRY_METRICS_PORT, 9100)")
+    keyscli.add_parser(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ferry", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="create the database if missing and apply migrations")
-    sub.add_parser("api", help="run the HTTP front door")
-    sub.add_parser("worker", help="run a worker that executes jobs")
-    sub.add_parser("sweeper", help="delete expired results periodically")
-    fake = sub.add_parser("fake-provider", help="run the fake Anthropic/OpenAI upstream")
-    fake.add_argument("--host", default="127.0.0.1")
-    fake.add_argument("--port", type=int, default=FAKE_PROVIDER_PORT)
-    dev = sub.add_parser("dev", help="migrate, then run api, workers, sweeper (and the fake "
-                                     "provider when no ANTHROPIC_API_KEY is set)")
-    dev.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     if args.command == "fake-provider":
         from fakeprovider.server import run
 
         run(args.host, args.port)
         return 0
-
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, str(exc))
     except FerryError as exc:
         return _fail(args.command, exc.message)
-    except OSError as exc:  # e.g. the port is taken
-        return _fail(args.command, f"{exc.strerror or exc} (check FERRY_HOST / FERRY_PORT)")
+    except OSError as exc:  # e.g. the port is taken, the database refused the connection
+        return _fail(args.command, _os_problem(exc, settings))
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -104,13 +108,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from worker.main import run_sweeper
 
         run_sweeper(settings)
+    elif args.command == "keys":
+        return keyscli.run(args, settings)
     elif args.command == "dev":
-        return _dev(settings, args.workers)
+        from shared.devrun import run_dev
+
+        return run_dev(settings, args)
     return 0
-
-
-# Start-up failures an operator fixes by configuration: one line, no traceback.
-StartupError = (SchemaOutOfDate, TopologyMismatch, ProviderConfigError)
 
 
 def _fail(command: str, message: str) -> int:
@@ -122,6 +126,15 @@ def _settings_problem(exc: ValidationError) -> str:
     error = exc.errors(include_url=False)[0]
     where = ".".join(str(p) for p in error["loc"]) or "settings"
     return f"invalid setting {where.upper()}: {error['msg']}"
+
+
+def _os_problem(exc: OSError, settings: Settings) -> str:
+    text = exc.strerror or str(exc)
+    if "Connect call failed" in str(exc) or isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect ({text}): check DATABASE_URL and AMQP_URL"
+    if "address already in use" in text.lower():
+        return f"port {settings.port} is in use: set FERRY_PORT (or stop what holds it)"
+    return f"{text}: check FERRY_HOST / FERRY_PORT, DATABASE_URL and AMQP_URL"
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ class AuthenticationFailed(FerryError):
     error_type = "authentication_error"
 
 
+class RateLimited(FerryError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
 class RequestTooLarge(FerryError):
     status = 413
     error_type = "request_too_large"

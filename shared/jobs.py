@@ -107,6 +107,7 @@ class JobEnvelope:
     reply_to: str | None = None
     caller_hash: bytes | None = None
     pickup_deadline: float | None = None
+    key_id: uuid.UUID | None = None  # the gateway key, whose tokens the worker counts
 
     @property
     def stream(self) -> bool:
@@ -132,6 +133,8 @@ class JobEnvelope:
             meta["caller"] = self.caller_hash.hex()
         if self.pickup_deadline is not None:
             meta["deadline"] = self.pickup_deadline
+        if self.key_id is not None:
+            meta["key"] = self.key_id.hex
         return _frame(meta, self.body)
 
     @classmethod
@@ -158,6 +161,7 @@ class JobEnvelope:
                 caller_hash=bytes.fromhex(caller) if isinstance(caller, str) else None,
                 pickup_deadline=(float(meta["deadline"]) if meta.get("deadline") is not None
                                  else None),
+                key_id=uuid.UUID(hex=meta["key"]) if meta.get("key") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed job message: {exc}") from None

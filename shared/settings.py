@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONSUMER_TIMEOUT_MARGIN_S = 60.0
@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     )  # 0 keeps history forever
     sweep_batch: int = Field(5000, ge=1, validation_alias=_env("FERRY_SWEEP_BATCH"))
 
+    # Gateway keys: `keys` (callers need a key made with `ferry keys create`) or `off` (anyone
+    # may call; jobs are bound to the hash of whatever credential is presented).
+    auth: Literal["keys", "off"] = Field("keys", validation_alias=_env("FERRY_AUTH"))
+    # Enables the admin API (/admin/v1/keys), guarded by this secret.
+    admin_key: SecretStr | None = Field(None, validation_alias=_env("FERRY_ADMIN_KEY"))
+
     # Front door
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, validation_alias=_env("FERRY_MAX_BODY"))
     # A request body must arrive within this (a client that stalls mid-body is cut off).
@@ -134,6 +140,12 @@ class Settings(BaseSettings):
         "auto", validation_alias=_env("FERRY_LOG_FORMAT")
     )
     log_level: str = Field("info", validation_alias=_env("FERRY_LOG_LEVEL"))
+
+    @field_validator("anthropic_api_key", "openai_api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`ANTHROPIC_API_KEY=` must not mean "the real API, with no key"."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _job_fits_the_consumer_timeout(self) -> Settings:
@@ -175,3 +187,48 @@ class Settings(BaseSettings):
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.namespace}.jobs.dead"
+
+
+# The environment each command reads, for its --help.
+ENV_GROUPS: dict[str, tuple[str, ...]] = {
+    "database": ("DATABASE_URL", "FERRY_DB_POOL_SIZE", "FERRY_DB_CONNECT_TIMEOUT"),
+    "broker": ("AMQP_URL", "FERRY_NAMESPACE", "FERRY_BROKER_CONNECT_TIMEOUT",
+               "FERRY_BROKER_HEARTBEAT", "FERRY_BROKER_CONSUMER_TIMEOUT",
+               "FERRY_QUEUE_MAX_LENGTH", "FERRY_INTERACTIVE_MAX_QUEUED"),
+    "api": ("FERRY_HOST", "FERRY_PORT", "FERRY_MAX_BODY", "FERRY_BODY_TIMEOUT",
+            "FERRY_PARSE_OFFLOAD_BYTES", "FERRY_PICKUP_TIMEOUT", "FERRY_REQUEST_TIMEOUT",
+            "FERRY_STREAM_IDLE_TIMEOUT", "FERRY_PING_INTERVAL", "FERRY_ADMISSION_WAIT",
+            "FERRY_STATS_INTERVAL", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
+    "auth": ("FERRY_AUTH", "FERRY_ADMIN_KEY"),
+    "results": ("FERRY_RESULT_TTL", "FERRY_RESULT_TTL_MAX"),
+    "providers": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "FERRY_ANTHROPIC_VERSION",
+                  "OPENAI_API_KEY", "OPENAI_BASE_URL", "FERRY_PROVIDERS_FILE",
+                  "FERRY_KEY_COOLDOWN", "FERRY_PROVIDER_TIMEOUT",
+                  "FERRY_PROVIDER_MAX_ATTEMPTS", "FERRY_RETRY_BASE", "FERRY_RETRY_MAX",
+                  "FERRY_INLINE_RETRY_MAX"),
+    "worker": ("FERRY_WORKER_CONCURRENCY", "FERRY_INTERACTIVE_CONCURRENCY",
+               "FERRY_WORKER_LANES", "FERRY_SHUTDOWN_GRACE", "FERRY_DELIVERY_LIMIT",
+               "FERRY_LEASE_SECONDS", "FERRY_JOB_DEADLINE", "FERRY_METRICS_PORT",
+               "FERRY_METRICS_HOST"),
+    "sweeper": ("FERRY_SWEEP_INTERVAL", "FERRY_SWEEP_BATCH", "FERRY_HISTORY_RETENTION_DAYS",
+                "FERRY_RECONCILE_INTERVAL", "FERRY_OUTBOX_GRACE", "FERRY_REPUBLISH_AFTER",
+                "FERRY_LEASE_SECONDS", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
+    "logs": ("FERRY_LOG_FORMAT", "FERRY_LOG_LEVEL"),
+}
+
+
+def env_help(*groups: str) -> str:
+    """`environment:` and one `NAME (default: X)` line per variable the groups read."""
+    defaults: dict[str, object] = {}
+    for field in Settings.model_fields.values():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            name = str(alias.choices[0])
+            secret = field.annotation is not None and "SecretStr" in str(field.annotation)
+            defaults[name] = "unset" if field.default is None else (
+                "***" if secret else field.default)
+    names: list[str] = []
+    for group in groups:
+        names += [n for n in ENV_GROUPS[group] if n not in names]
+    lines = [f"  {name} (default: {defaults.get(name, 'unset')})" for name in names]
+    return "environment:\n" + "\n".join(lines)

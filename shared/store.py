@@ -18,7 +18,7 @@ from typing import Literal
 
 import asyncpg
 
-from shared.errors import Conflict, InvalidRequest, Unavailable
+from shared.errors import Conflict, FerryError, InvalidRequest, RateLimited, Unavailable
 from shared.jobs import Mode, Status
 from shared.logging import get_logger
 
@@ -63,6 +63,8 @@ class NewJob:
     message: bytes  # the job message as published (kept until the job ends: the outbox)
     upstream_model: str | None = None
     request_id: str | None = None
+    key_id: uuid.UUID | None = None
+    max_pending: int | None = None  # the key's limit of unfinished async jobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,12 @@ class Outcome:
     served_provider: str | None = None
     served_model: str | None = None
 
+    @property
+    def usage(self) -> dict[str, int]:
+        counts = {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                  "cache_creation_input_tokens": self.cache_creation_input_tokens}
+        return {k: v for k, v in counts.items() if v is not None}
+
 
 @dataclass(frozen=True, slots=True)
 class HistoryRow:
@@ -138,6 +146,7 @@ class HistoryRow:
     started_at: datetime
     completed_at: datetime
     request_id: str | None = None
+    key_id: uuid.UUID | None = None
 
 
 _HISTORY_COLUMNS = [
@@ -145,12 +154,13 @@ _HISTORY_COLUMNS = [
     "http_status", "error_type", "stop_reason", "input_tokens", "output_tokens",
     "served_provider", "served_model", "upstream_model",
     "submitted_at", "started_at", "completed_at", "ttl_seconds", "deliveries", "request_id",
+    "key_id",
 ]
 
 _INSERT_JOBS = (
     "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds, upstream_model,"
-    " request_id) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[], $4::text[],"
-    " $5::text[], $6::integer[], $7::text[], $8::text[])"
+    " request_id, key_id) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[],"
+    " $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::uuid[])"
 )
 _INSERT_PAYLOADS = (
     "INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $2::bytea[])"
@@ -218,35 +228,40 @@ class Store:
 
     # --- api: submits ----------------------------------------------------------------------
 
-    async def insert_jobs(self, jobs: list[NewJob]) -> list[InvalidRequest | None]:
+    async def insert_jobs(self, jobs: list[NewJob]) -> list[FerryError | None]:
         """Commit new jobs (unpublished: the outbox) in one transaction. A member the
-        database refuses fails alone: the batch is then inserted row by row. Returns a
-        per-job error (None where the job was stored); raises StoreUnavailable when nothing
-        could be stored."""
+        database refuses fails alone (the batch is then inserted row by row), as does one over
+        its key's limit of unfinished jobs. Returns a per-job error (None where the job was
+        stored); raises StoreUnavailable when nothing could be stored."""
         try:
             async with self._conn() as conn, conn.transaction():
-                await self._insert(conn, jobs)
-            return [None] * len(jobs)
+                refused = await _over_pending(conn, jobs)
+                await self._insert(conn, [j for i, j in enumerate(jobs) if i not in refused])
+            return [refused.get(i) for i in range(len(jobs))]
         except _BAD_DATA:
             if len(jobs) == 1:
                 return [_unstorable()]
-        results: list[InvalidRequest | None] = []
+        results: list[FerryError | None] = []
         for job in jobs:
             try:
                 async with self._conn() as conn, conn.transaction():
-                    await self._insert(conn, [job])
-                results.append(None)
+                    refused = await _over_pending(conn, [job])
+                    if not refused:
+                        await self._insert(conn, [job])
+                results.append(refused.get(0))
             except _BAD_DATA:
                 results.append(_unstorable())
         return results
 
     @staticmethod
     async def _insert(conn: asyncpg.Connection, jobs: list[NewJob]) -> None:
+        if not jobs:
+            return
         await conn.execute(
             _INSERT_JOBS, [j.id for j in jobs], [j.caller_hash for j in jobs],
             [j.mode for j in jobs], [j.model for j in jobs], [j.provider for j in jobs],
             [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
-            [j.request_id for j in jobs],
+            [j.request_id for j in jobs], [j.key_id for j in jobs],
         )
         await conn.execute(_INSERT_PAYLOADS, [j.id for j in jobs], [j.message for j in jobs])
 
@@ -274,6 +289,9 @@ class Store:
                     raise Conflict(f"Idempotency-Key {key!r} was already used with a different"
                                    " request in the last 24 hours")
                 return existing["job_id"], existing["status"], False
+            refused = await _over_pending(conn, [job])
+            if refused:
+                raise refused[0]
             await self._insert(conn, [job])  # the key's reference is checked at commit
         return job.id, "pending", True
 
@@ -524,6 +542,31 @@ class Store:
                         await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
 
+async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[int, FerryError]:
+    """The members a key's limit of unfinished async jobs refuses. The keys' rows are locked
+    until the transaction ends, so concurrent submits (on any api) count one after another."""
+    limited = sorted({j.key_id for j in jobs if j.key_id is not None and j.max_pending})
+    if not limited:
+        return {}
+    await conn.execute("SELECT 1 FROM api_keys WHERE id = ANY($1::uuid[]) ORDER BY id"
+                       " FOR UPDATE", limited)
+    rows = await conn.fetch(
+        "SELECT key_id, count(*) AS n FROM jobs WHERE key_id = ANY($1::uuid[])"
+        " AND status IN ('pending', 'processing') GROUP BY key_id", limited)
+    counts = {r["key_id"]: r["n"] for r in rows}
+    refused: dict[int, FerryError] = {}
+    for i, job in enumerate(jobs):
+        if job.key_id is None or not job.max_pending:
+            continue
+        if counts.get(job.key_id, 0) >= job.max_pending:
+            refused[i] = RateLimited(
+                f"the API key has {job.max_pending} async jobs unfinished, its limit; "
+                "submit more once some have finished", headers={"retry-after": "5"})
+        else:
+            counts[job.key_id] = counts.get(job.key_id, 0) + 1
+    return refused
+
+
 def _count(status: str) -> int:
     return int(status.split()[-1])
 
@@ -536,7 +579,7 @@ def _history_record(r: HistoryRow) -> tuple[object, ...]:
     return (r.id, r.caller_hash, r.mode, r.model, r.provider, r.status, r.attempts,
             r.worker_id, r.http_status, r.error_type, r.stop_reason, r.input_tokens,
             r.output_tokens, r.served_provider, r.served_model, r.upstream_model,
-            r.submitted_at, r.started_at, r.completed_at, 0, 1, r.request_id)
+            r.submitted_at, r.started_at, r.completed_at, 0, 1, r.request_id, r.key_id)
 
 
 def body_hash(*parts: bytes) -> bytes:

@@ -302,6 +302,7 @@ def settings(test_run: TestRun, database_url: str, namespace: str) -> Callable[.
             "amqp_url": test_run.amqp_url,
             "namespace": namespace,
             "retry_base_s": 0.01,  # tests do not wait through real backoffs
+            "auth": "off",  # tests of gateway keys ask for FERRY_AUTH=keys themselves
         }
         values.update(overrides)
         return Settings(**values)

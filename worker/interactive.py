@@ -38,6 +38,7 @@ from worker.providers.base import (
 )
 from worker.retry import Attempts
 from worker.routing import ProviderSet, create_message
+from worker.usage import TokenMeter
 
 log = get_logger("ferry.worker")
 
@@ -47,8 +48,10 @@ _REPLY_RECONNECT_WAIT_S = 5.0
 
 class InteractiveRunner:
     def __init__(self, settings: Settings, providers: ProviderSet, history: HistoryWriter,
-                 broker: Broker, worker_id: str, spawn: Spawn, metrics: Metrics) -> None:
+                 broker: Broker, worker_id: str, spawn: Spawn, metrics: Metrics,
+                 meter: TokenMeter | None = None) -> None:
         self._settings = settings
+        self._meter = meter
         self._providers = providers
         self._metrics = metrics
         self._history = history
@@ -144,6 +147,8 @@ class InteractiveRunner:
             if envelope.operation == "messages":
                 self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
                 self._history.record(outcome.row(envelope, self._worker_id, submitted))
+                if self._meter is not None:
+                    self._meter.record(envelope.key_id, outcome.usage)
 
     async def _once(self, envelope: JobEnvelope, outcome: _Outcome) -> None:
         operation = create_message if envelope.operation == "messages" else _count_tokens
@@ -284,4 +289,5 @@ class _Outcome:
             upstream_model=envelope.upstream_model,
             submitted_at=submitted, started_at=submitted,
             completed_at=datetime.now(UTC), request_id=envelope.request_id,
+            key_id=envelope.key_id,
         )

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from shared import runtime
 from shared.broker import Broker
+from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import CONTENT_TYPE, Metrics
 from shared.migrate import require_schema
@@ -26,6 +27,7 @@ from worker.reconciler import Reconciler
 from worker.retry import RetryPolicy
 from worker.routing import KeyPool, ProviderEntry, ProviderSet
 from worker.sweeper import Sweeper
+from worker.usage import TokenMeter
 from worker.worker import Worker
 
 log = get_logger("ferry.worker")
@@ -127,8 +129,8 @@ async def _run_worker(settings: Settings, life: Lifecycle) -> None:
                 provider_set = build_providers(settings, providers, session, metrics=metrics)
                 log.info("providers configured", providers=providers.names())
                 life.started = True
-                await Worker(settings, store, broker, provider_set, metrics=metrics).run(
-                    life.stop)
+                await Worker(settings, store, broker, provider_set, metrics=metrics,
+                             meter=TokenMeter(KeyStore(store))).run(life.stop)
         finally:
             await broker.close()
     finally:

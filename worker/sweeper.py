@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.settings import Settings
@@ -14,6 +15,7 @@ from shared.store import Store
 log = get_logger("ferry.sweeper")
 
 SWEEPER_LOCK_KEY = 0x7377656570  # "sweep"
+USAGE_KEPT_S = 3600.0  # per-minute key usage is only needed for the current minute
 
 
 class Sweeper:
@@ -32,6 +34,7 @@ class Sweeper:
             deleted = await self._drain(self._store.sweep_expired)
             self._metrics.swept.inc(deleted)
             keys = await self._drain(self._store.sweep_idempotency_keys)
+            await KeyStore(self._store).prune_usage(USAGE_KEPT_S)
             pruned = 0
             if self._settings.history_retention_days:
                 retention_s = self._settings.history_retention_days * 86400

@@ -45,6 +45,7 @@ from worker.interactive import InteractiveRunner
 from worker.providers.base import ProviderError, ProviderResponse
 from worker.retry import Attempts, RetryLater
 from worker.routing import ProviderSet, create_message
+from worker.usage import TokenMeter
 
 log = get_logger("ferry.worker")
 
@@ -75,11 +76,12 @@ class _Job:
 class Worker:
     def __init__(self, settings: Settings, store: Store, broker: Broker,
                  providers: ProviderSet, worker_id: str | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, meter: TokenMeter | None = None) -> None:
         self._settings = settings
         self._store = store
         self._broker = broker
         self._providers = providers
+        self._meter = meter
         self.worker_id = worker_id or default_worker_id()
         self._tasks: set[asyncio.Task[None]] = set()
         self._jobs: dict[uuid.UUID, _Job] = {}
@@ -94,13 +96,15 @@ class Worker:
             asyncio.create_task(self._history.run(history_stop), name="history"),
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         }
+        if self._meter is not None:
+            side_tasks.add(asyncio.create_task(self._meter.run(history_stop), name="meter"))
         if "async" in s.worker_lanes:
             await self._broker.consume_jobs(self._on_message, prefetch=s.worker_concurrency)
         if "interactive" in s.worker_lanes:
             runner = InteractiveRunner(s, self._providers, self._history, self._broker,
                                        self.worker_id,
                                        lambda coro: self._spawn(coro, "interactive"),
-                                       self._metrics)
+                                       self._metrics, self._meter)
             await self._broker.consume_cancels(runner.on_cancel)
             await self._broker.consume_interactive(runner.on_message,
                                                    prefetch=s.interactive_concurrency)
@@ -118,7 +122,7 @@ class Worker:
         await self._drain(s.shutdown_grace_s)
         history_stop.set()
         for task in side_tasks:
-            if task.get_name() != "history":
+            if task.get_name() not in ("history", "meter"):
                 task.cancel()
         await asyncio.gather(*side_tasks, return_exceptions=True)
         log.info("worker stopped")
@@ -213,6 +217,8 @@ class Worker:
         outcome = await self._call(job, envelope, claim)
         if outcome is None:
             return "ack"  # parked for a delayed retry
+        if self._meter is not None:
+            self._meter.record(envelope.key_id, outcome.usage)
         first = await self._store_call(job, lambda: self._store.finish(envelope.job_id, outcome))
         self._metrics.jobs_finished.labels("async", outcome.status).inc()
         log.info("job finished", status=outcome.status, attempts=outcome.attempts,

@@ -81,6 +81,9 @@ class Stack:
             FERRY_RETRY_BASE="0.05",
             FERRY_SHUTDOWN_GRACE="2",
             FERRY_LOG_FORMAT="json",
+            # Most tests are about other things than gateway keys: any credential is a caller.
+            # Tests of keys (and of real clients) set FERRY_AUTH=keys.
+            FERRY_AUTH="off",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.settings_env)

@@ -83,6 +83,7 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("not_before", "timestamp with time zone", "YES"),
         ("abandoned", "integer", "NO"),
         ("request_id", "text", "YES"),
+        ("key_id", "uuid", "YES"),
     ]
 
 
@@ -103,7 +104,8 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
     )
     assert {r["table_name"] for r in tables} == {
-        "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations"}
+        "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations",
+        "api_keys", "key_usage", "key_leases"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -120,6 +122,14 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("idempotency_keys", "idempotency_keys_pkey"),
         ("idempotency_keys", "idempotency_keys_created_at_idx"),
         ("idempotency_keys", "idempotency_keys_job_id_idx"),
+        ("jobs", "jobs_key_submitted_at_idx"),
+        ("jobs", "jobs_key_unfinished_idx"),
+        ("api_keys", "api_keys_pkey"),
+        ("api_keys", "api_keys_name_key"),
+        ("api_keys", "api_keys_secret_hash_key"),
+        ("key_usage", "key_usage_pkey"),
+        ("key_leases", "key_leases_pkey"),
+        ("key_leases", "key_leases_key_id_idx"),
         ("job_results", "job_results_expires_at_idx"),
         ("schema_migrations", "schema_migrations_pkey"),
     }
