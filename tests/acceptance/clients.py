@@ -28,6 +28,8 @@ SDK_SCRIPT = CLIENTS_DIR / "sdk_scenarios.mjs"
 CLAUDE = CLIENTS_DIR / "node_modules" / ".bin" / "claude"
 INSTALL_TIMEOUT_S = 600.0
 SDK_TIMEOUT_S = 90.0
+# The gateway key the clients present; the stack creates it (`ferry keys create --secret`).
+CLIENT_KEY = "sk-test-real-clients-0001"
 CLAUDE_TIMEOUT_S = 180.0
 
 # Keep Claude Code on the base URL it is given: without these it reaches for Anthropic's own
@@ -106,7 +108,7 @@ class SdkRun:
                 f"{json.dumps(self.output)}" + (f"\nstderr: {self.stderr}" if self.stderr else ""))
 
 
-def run_sdk(scenario: str, base_url: str, api_key: str = "client-key-a",
+def run_sdk(scenario: str, base_url: str, api_key: str = CLIENT_KEY,
             options: dict[str, Any] | None = None) -> SdkRun:
     """Run one scenario of `sdk_scenarios.mjs` against `base_url` (Ferry's `.../anthropic`)."""
     install_clients()
@@ -166,7 +168,7 @@ def egress_trap() -> Iterator[_EgressTrap]:
         trap.server_close()
 
 
-def claude_env(base_url: str, home: Path, proxy: str, api_key: str = "client-key-a"
+def claude_env(base_url: str, home: Path, proxy: str, api_key: str = CLIENT_KEY
                ) -> dict[str, str]:
     """Claude Code's environment: a throwaway HOME, `ANTHROPIC_BASE_URL`, no internet."""
     return _client_env(
@@ -201,7 +203,7 @@ class ClaudeRun:
 
 
 def run_claude(args: list[str], base_url: str, workdir: Path,
-               api_key: str = "client-key-a") -> ClaudeRun:
+               api_key: str = CLIENT_KEY) -> ClaudeRun:
     """`claude ARGS` in an empty project directory under `workdir`, with its own HOME."""
     install_clients()
     home, project = workdir / "home", workdir / "project"

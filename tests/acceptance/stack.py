@@ -219,6 +219,21 @@ class Stack:
         if code != 0:
             raise StackError(f"{name} exited with {code}\n{self.describe()}")
 
+    async def ferry(self, *args: str, env: dict[str, str] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+        """`ferry <args>` with this stack's environment, its output captured (`ferry keys`)."""
+        return await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "shared.cli", *args], cwd=PROJECT_ROOT,
+            env=env or self.env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+            check=False, stdin=subprocess.DEVNULL)
+
+    async def create_key(self, name: str, *options: str) -> str:
+        """`ferry keys create NAME OPTIONS`; returns the secret (its output's last line)."""
+        done = await self.ferry("keys", "create", name, *options)
+        if done.returncode != 0:
+            raise StackError(f"ferry keys create {name} failed: {done.stderr}")
+        return done.stdout.strip().splitlines()[-1]
+
     def client(self, api_key: str = "client-key-a") -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(base_url=f"{self.url}/anthropic", api_key=api_key,
                                         max_retries=0)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.acceptance.clients import install_clients, run_claude, run_sdk
+from tests.acceptance.clients import CLIENT_KEY, install_clients, run_claude, run_sdk
 from tests.acceptance.stack import Stack, running_stack
 from tests.conftest import TestRun
 from tests.support import fake_calls
@@ -51,8 +51,10 @@ def clients() -> None:
 @pytest_asyncio.fixture(scope="module")
 async def ferry(test_run: TestRun,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    # FERRY_AUTH=keys, the default: the clients present a key made with `ferry keys create`.
     async with running_stack(test_run, tmp_path_factory.mktemp("ferry-clients"), "clients",
-                             workers=2) as stack:
+                             workers=2, env={"FERRY_AUTH": "keys"}) as stack:
+        await stack.create_key("real-clients", "--secret", CLIENT_KEY)
         yield stack
 
 

@@ -3,7 +3,6 @@ documentation cannot drift from the schema."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,15 +38,19 @@ async def filled(test_run: TestRun,
     async with providers_stack(
         test_run, tmp_path_factory.mktemp("ferry-reporting"), "reporting",
         lambda stack: f'[providers.backup]\ntype = "anthropic"\nbase_url = "{stack.fake_url}"\n',
-        env={"FERRY_PROVIDER_MAX_ATTEMPTS": "1", "FERRY_DB_POOL_SIZE": "4"},
+        env={"FERRY_PROVIDER_MAX_ATTEMPTS": "1", "FERRY_DB_POOL_SIZE": "4",
+             "FERRY_AUTH": "keys"},
     ) as stack:
+        for name in ("alice", "bob"):
+            await stack.create_key(name, "--secret", f"sk-test-reporting-{name}")
         await _fill(stack)
         yield stack
 
 
 async def _fill(stack: Stack) -> None:
     """Real runs: every row comes from the api and a worker serving the SDK."""
-    alice, bob = stack.client("key-alice"), stack.client("key-bob")
+    alice = stack.client("sk-test-reporting-alice")
+    bob = stack.client("sk-test-reporting-bob")
     jobs = [await submit(alice, unique(f"alice {i}")) for i in range(3)]
     jobs.append(await submit(bob, unique("bob")))
     for job in jobs:
@@ -89,7 +92,8 @@ async def run_report(database_url: str, name: str) -> list[asyncpg.Record]:
 
 def test_every_documented_report_is_tested() -> None:
     assert set(reports()) == {"jobs_per_model_per_day", "failures_by_provider",
-                              "latency_percentiles", "busiest_callers", "fallbacks"}
+                              "latency_percentiles", "busiest_callers", "fallbacks",
+                              "usage_per_key_per_day"}
 
 
 async def test_jobs_per_model_per_day(filled: Stack) -> None:
@@ -117,9 +121,15 @@ async def test_latency_percentiles(filled: Stack) -> None:
 
 async def test_busiest_callers(filled: Stack) -> None:
     rows = await run_report(filled.database_url, "busiest_callers")
-    alice = hashlib.sha256(b"key-alice").hexdigest()
-    bob = hashlib.sha256(b"key-bob").hexdigest()
-    assert [(r["caller"], r["jobs"], r["failed"]) for r in rows] == [(alice, 7, 1), (bob, 1, 0)]
+    assert [(r["caller"], r["jobs"], r["failed"]) for r in rows] == [
+        ("alice", 7, 1), ("bob", 1, 0)]
+
+
+async def test_usage_per_key_per_day(filled: Stack) -> None:
+    rows = await run_report(filled.database_url, "usage_per_key_per_day")
+    assert [(r["key"], r["requests"], r["failed"]) for r in rows] == [
+        ("alice", 7, 1), ("bob", 1, 0)]
+    assert all(r["input_tokens"] > 0 and r["output_tokens"] > 0 for r in rows)
 
 
 async def test_fallbacks(filled: Stack) -> None:
