@@ -46,7 +46,7 @@ from shared.errors import FerryError, Unavailable
 from shared.jobs import JobEnvelope, new_job_id
 from shared.keystore import KeyStore
 from shared.logging import get_logger
-from shared.metrics import CONTENT_TYPE, Metrics
+from shared.metrics import Metrics, metrics_server
 from shared.migrate import required_version
 from shared.providers import load_providers
 from shared.runtime import Lifecycle
@@ -106,9 +106,10 @@ async def _refresh_stats(app: web.Application) -> None:
         await asyncio.sleep(app[SETTINGS].stats_interval_s)
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": CONTENT_TYPE})
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """/metrics on the metrics port, not the client port: it shows every caller's traffic."""
+    async with metrics_server(app[SETTINGS], app[METRICS]):
+        yield
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -181,6 +182,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_checker_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_stats_ctx)
+    app.cleanup_ctx.append(_metrics_ctx)
     app.router.add_post("/anthropic/v1/messages", create_message)
     app.router.add_post("/anthropic/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/anthropic/v1/models", list_models)
@@ -188,7 +190,6 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/", root)  # GET also answers HEAD
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
     if settings.admin_key is not None:
         add_admin_routes(app)
     return app

@@ -30,10 +30,10 @@ def _version() -> str:
         return "unknown"
 
 
-def _migrate(settings: Settings) -> None:
-    from shared.migrate import migrate
+def _migrate(settings: Settings, wait_s: float = 0.0) -> None:
+    from shared.migrate import migrate_when_reachable
 
-    asyncio.run(migrate(settings.database_url))
+    asyncio.run(migrate_when_reachable(settings.database_url, wait_s))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog=env_help(*groups),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    command("migrate", "create the database if missing and apply migrations", "database")
+    migrate = command("migrate", "create the database if missing and apply migrations",
+                      "database")
+    migrate.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                         help="keep trying this long while the database cannot be reached "
+                              "(a container starting beside it)")
     command("api", "run the HTTP front door", "database", "broker", "api", "auth", "results",
             "providers", "logs")
     command("worker", "run a worker that executes jobs", "database", "broker", "worker",
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "migrate":
-        _migrate(settings)
+        _migrate(settings, args.wait)
     elif args.command == "api":
         from api.app import run as run_api
 

@@ -3,8 +3,20 @@ tests build their own and nothing is a mutable module global."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from shared.logging import get_logger
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = get_logger("ferry.metrics")
 
 # Gateway overhead is small: resolve it finely below 50 ms.
 _FINE = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0,
@@ -66,3 +78,41 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+METRICS_PORT_TRIES = 32
+
+
+@contextlib.asynccontextmanager
+async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[int | None]:
+    """`/metrics` on this process's own port: FERRY_METRICS_PORT, or the next free one after
+    it, so several processes on one host just work (0 turns it off). Yields the port."""
+    if not settings.metrics_port:
+        yield None
+        return
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = None
+    for candidate in range(settings.metrics_port, settings.metrics_port + METRICS_PORT_TRIES):
+        try:
+            await web.TCPSite(runner, settings.metrics_host, candidate).start()
+        except OSError:
+            continue
+        port = candidate
+        break
+    if port is None:
+        log.warning("no free metrics port; /metrics is off for this process",
+                    tried=f"{settings.metrics_port}-"
+                          f"{settings.metrics_port + METRICS_PORT_TRIES - 1}")
+    else:
+        log.info("metrics served", port=port)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()

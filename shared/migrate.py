@@ -6,7 +6,9 @@ each file is recorded in schema_migrations in the same transaction that applies 
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -54,6 +56,19 @@ async def ensure_database(dsn: str) -> None:
             await conn.close()
         return
     await conn.close()
+
+
+async def migrate_when_reachable(dsn: str, wait_s: float) -> list[str]:
+    """`migrate`, retrying for up to `wait_s` while the server cannot be reached."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return await migrate(dsn)
+        except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("database not reachable yet; retrying", error=type(exc).__name__)
+            await asyncio.sleep(1)
 
 
 async def migrate(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:

@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", validation_alias=_env("FERRY_LOG_LEVEL"))
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_urls(cls, value: str) -> str:
+        from shared.amqp import split_urls  # checks each node's URL
+
+        split_urls(value)
+        return value
+
     @field_validator("anthropic_api_key", "openai_api_key", "admin_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

@@ -201,7 +201,15 @@ class Store:
             pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                              timeout=timeout_s)
         except _TRANSIENT as exc:
-            raise StoreUnavailable(f"cannot reach the database: {type(exc).__name__}") from exc
+            raise StoreUnavailable(f"cannot reach the database ({type(exc).__name__}): check "
+                                   "DATABASE_URL") from exc
+        except asyncpg.InvalidCatalogNameError:
+            raise StoreUnavailable("the database in DATABASE_URL does not exist: `ferry "
+                                   "migrate` creates it") from None
+        except (asyncpg.InvalidAuthorizationSpecificationError,
+                asyncpg.InvalidPasswordError):
+            raise StoreUnavailable("the database refused the user or password in "
+                                   "DATABASE_URL") from None
         return cls(pool)
 
     async def close(self) -> None:

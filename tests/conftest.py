@@ -303,6 +303,7 @@ def settings(test_run: TestRun, database_url: str, namespace: str) -> Callable[.
             "namespace": namespace,
             "retry_base_s": 0.01,  # tests do not wait through real backoffs
             "auth": "off",  # tests of gateway keys ask for FERRY_AUTH=keys themselves
+            "metrics_port": 0,  # in-process apps and workers serve no /metrics port
         }
         values.update(overrides)
         return Settings(**values)

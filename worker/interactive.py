@@ -144,6 +144,11 @@ class InteractiveRunner:
                                                      "internal error in the worker"))
         finally:
             self._cancelled_by_client.discard(envelope.job_id.hex)
+            log.info("request served", operation=envelope.operation, mode=envelope.mode,
+                     status=outcome.http_status or 200, attempts=outcome.attempts.count,
+                     provider=outcome.route.provider if outcome.route else None,
+                     provider_s=round(outcome.provider_seconds, 4)
+                     if outcome.provider_seconds is not None else None)
             if envelope.operation == "messages":
                 self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
                 self._history.record(outcome.row(envelope, self._worker_id, submitted))

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import aiohttp
-from aiohttp import web
 
 from shared import runtime
 from shared.broker import Broker
 from shared.keystore import KeyStore
 from shared.logging import get_logger
-from shared.metrics import CONTENT_TYPE, Metrics
+from shared.metrics import Metrics, metrics_server
 from shared.migrate import require_schema
 from shared.providers import ProviderConfig, Providers, load_providers
 from shared.runtime import Lifecycle
@@ -71,44 +69,6 @@ def build_providers(settings: Settings, providers: Providers, session: aiohttp.C
                               else settings.retry_max_s),
         )
     return ProviderSet(entries, metrics)
-
-
-METRICS_PORT_TRIES = 32
-
-
-@contextlib.asynccontextmanager
-async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[None]:
-    """`/metrics` on this process's own port: FERRY_METRICS_PORT, or the next free one after
-    it, so several workers on one host just work (0 turns it off)."""
-    if not settings.metrics_port:
-        yield
-        return
-
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-    app = web.Application()
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = None
-    for candidate in range(settings.metrics_port, settings.metrics_port + METRICS_PORT_TRIES):
-        try:
-            await web.TCPSite(runner, settings.metrics_host, candidate).start()
-        except OSError:
-            continue
-        port = candidate
-        break
-    if port is None:
-        log.warning("no free metrics port; /metrics is off for this process",
-                    tried=f"{settings.metrics_port}-"
-                          f"{settings.metrics_port + METRICS_PORT_TRIES - 1}")
-    else:
-        log.info("metrics served", port=port)
-    try:
-        yield
-    finally:
-        await runner.cleanup()
 
 
 async def _run_worker(settings: Settings, life: Lifecycle) -> None:
