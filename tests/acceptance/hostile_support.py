@@ -17,7 +17,14 @@ import aiohttp
 import brotli
 import orjson
 
+from tests.acceptance.interactive_support import (
+    FERRY_HEADERS,
+    echo,
+    gather_bounded,
+    parse_sse,
+)
 from tests.acceptance.stack import Stack
+from tests.support import MODEL, eventually, request_body
 
 # Each raw exchange is bounded: a gateway that never answers fails the test instead of
 # hanging it. Generous on purpose (a busy 2-core machine); never a speed assertion.
@@ -225,3 +232,84 @@ def assert_alive(stack: Stack) -> None:
     dead = {name: proc.returncode for name, proc in stack.processes.items()
             if name != "migrate" and proc.poll() is not None}
     assert not dead, f"processes exited: {dead}"
+
+
+# --- well-formed requests, and what they must get ----------------------------------------------
+
+MESSAGES = "/anthropic/v1/messages"
+COUNT_TOKENS = "/anthropic/v1/messages/count_tokens"
+ASYNC = {**FERRY_HEADERS, "x-bf-async": "true"}
+
+
+def streamed_text(answer: RawResponse) -> str:
+    """The text of a complete SSE answer (asserted to end with message_stop)."""
+    events = parse_sse(answer.body)
+    assert events[-1][0] == "message_stop", events[-3:]
+    return "".join(data["delta"]["text"] for name, data in events
+                   if name == "content_block_delta" and data["delta"]["type"] == "text_delta")
+
+
+async def good_call(http: aiohttp.ClientSession, stack: Stack, text: str, *,
+                    model: str = MODEL, stream: bool = False) -> None:
+    """A well-formed sync or stream request; asserts it got the fake's answer in full."""
+    answer = await post(http, stack.url + MESSAGES,
+                        request_body(text, model=model, **({"stream": True} if stream else {})),
+                        FERRY_HEADERS)
+    assert answer.status == 200, answer
+    if stream:
+        assert streamed_text(answer) == echo(text), answer
+    else:
+        message = answer.json()
+        assert message["type"] == "message", message
+        assert message["content"][0]["text"] == echo(text), message
+
+
+async def good_submit(http: aiohttp.ClientSession, stack: Stack, text: str, *,
+                      model: str = MODEL) -> str:
+    """A well-formed async submit; asserts it was accepted and returns the job id."""
+    answer = await post(http, stack.url + MESSAGES, request_body(text, model=model), ASYNC)
+    assert answer.status == 200, answer
+    assert answer.header("x-bf-async-status") == "pending", answer
+    job_id: str = answer.json()["id"]
+    assert job_id.startswith("job_"), answer
+    return job_id
+
+
+async def poll(http: aiohttp.ClientSession, stack: Stack, job_id: str,
+               headers: dict[str, str] | None = None) -> RawResponse:
+    return await post(http, stack.url + MESSAGES, request_body("poll"),
+                      {**(headers or FERRY_HEADERS), "x-bf-async-id": job_id})
+
+
+async def final_poll(http: aiohttp.ClientSession, stack: Stack, job_id: str,
+                     headers: dict[str, str] | None = None) -> RawResponse:
+    """Poll until the job is completed or failed (hang-guarded)."""
+    async def done() -> RawResponse | None:
+        answer = await poll(http, stack, job_id, headers)
+        if answer.header("x-bf-async-status") in ("pending", "processing"):
+            return None
+        return answer
+    return await eventually(done, timeout=HANG_GUARD_S, interval=0.1,
+                            what=f"job {job_id} to finish")
+
+
+async def expect_job_answers(http: aiohttp.ClientSession, stack: Stack,
+                             jobs: dict[str, str]) -> None:
+    """Each job (id -> prompt text) polls as completed with the fake's answer."""
+    async def check(job_id: str, text: str) -> None:
+        answer = await final_poll(http, stack, job_id)
+        assert answer.status == 200 and answer.header("x-bf-async-status") == "completed", \
+            answer
+        assert answer.json()["content"][0]["text"] == echo(text), answer
+    await gather_bounded(20, *(check(j, t) for j, t in jobs.items()))
+
+
+def assert_answer_or_refusal(answer: RawResponse, text: str, stream: bool) -> None:
+    """A request that may be refused: the fake's answer in full, or a clean 4xx."""
+    if answer.status != 200:
+        assert_clean_error(answer)
+        return
+    if stream:
+        assert streamed_text(answer) == echo(text), answer
+    else:
+        assert answer.json()["content"][0]["text"] == echo(text), answer

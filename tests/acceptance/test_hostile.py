@@ -23,15 +23,24 @@ import pytest
 import pytest_asyncio
 
 from tests.acceptance.hostile_support import (
+    ASYNC,
+    COUNT_TOKENS,
     HANG_GUARD_S,
+    MESSAGES,
     RawResponse,
     assert_alive,
+    assert_answer_or_refusal,
     assert_clean_error,
     assert_error_envelope,
     brotli_bomb,
     deflate_bomb,
     exchange,
+    expect_job_answers,
+    final_poll,
+    good_call,
+    good_submit,
     http_request,
+    poll,
     post,
     read_response,
     send_raw,
@@ -43,7 +52,6 @@ from tests.acceptance.interactive_support import (
     echo,
     fetch,
     gather_bounded,
-    parse_sse,
     providers_stack,
     unique_model,
 )
@@ -55,9 +63,6 @@ from tests.support import eventually, fake_calls, free_port, request_body
 pytestmark = pytest.mark.acceptance
 
 BODY_TIMEOUT_S = 2  # FERRY_BODY_TIMEOUT of this module's stack: stalled bodies are cut fast
-MESSAGES = "/anthropic/v1/messages"
-COUNT_TOKENS = "/anthropic/v1/messages/count_tokens"
-ASYNC = {**FERRY_HEADERS, "x-bf-async": "true"}
 RAW_HEADERS = [("content-type", "application/json"), ("anthropic-version", "2023-06-01")]
 
 
@@ -109,54 +114,6 @@ def model_json(model: str, **extra: Any) -> bytes:
     return body("hostile", model, **extra)
 
 
-async def good_call(http: aiohttp.ClientSession, stack: Stack, text: str, *,
-                    model: str = "claude-hostile", stream: bool = False) -> None:
-    """A well-formed sync or stream request; asserts it got the fake's answer in full."""
-    answer = await post(http, stack.url + MESSAGES,
-                        body(text, model, **({"stream": True} if stream else {})),
-                        FERRY_HEADERS)
-    assert answer.status == 200, answer
-    if stream:
-        events = parse_sse(answer.body)
-        assert events[-1][0] == "message_stop", events[-3:]
-        deltas = [data["delta"]["text"] for name, data in events
-                  if name == "content_block_delta" and data["delta"]["type"] == "text_delta"]
-        assert "".join(deltas) == echo(text), answer
-    else:
-        message = answer.json()
-        assert message["type"] == "message", message
-        assert message["content"][0]["text"] == echo(text), message
-
-
-async def good_submit(http: aiohttp.ClientSession, stack: Stack, text: str, *,
-                      model: str = "claude-hostile") -> str:
-    """A well-formed async submit; asserts it was accepted and returns the job id."""
-    answer = await post(http, stack.url + MESSAGES, body(text, model), ASYNC)
-    assert answer.status == 200, answer
-    assert answer.header("x-bf-async-status") == "pending", answer
-    job_id: str = answer.json()["id"]
-    assert job_id.startswith("job_"), answer
-    return job_id
-
-
-async def poll(http: aiohttp.ClientSession, stack: Stack, job_id: str,
-               headers: dict[str, str] | None = None) -> RawResponse:
-    return await post(http, stack.url + MESSAGES, body("poll"),
-                      {**(headers or FERRY_HEADERS), "x-bf-async-id": job_id})
-
-
-async def final_poll(http: aiohttp.ClientSession, stack: Stack, job_id: str,
-                     headers: dict[str, str] | None = None) -> RawResponse:
-    """Poll until the job is completed or failed (hang-guarded)."""
-    async def done() -> RawResponse | None:
-        answer = await poll(http, stack, job_id, headers)
-        if answer.header("x-bf-async-status") in ("pending", "processing"):
-            return None
-        return answer
-    return await eventually(done, timeout=HANG_GUARD_S, interval=0.1,
-                            what=f"job {job_id} to finish")
-
-
 async def job_counts(stack: Stack, model: str) -> dict[tuple[str, str], int]:
     """(mode, status) -> jobs of `model` (async jobs and sync/stream history rows)."""
     rows = await fetch(stack.database_url, "SELECT mode, status, count(*) AS n FROM jobs"
@@ -200,17 +157,6 @@ async def run_together(good: Sequence[Awaitable[Any]], bad: Sequence[Awaitable[A
 
 async def _tag(kind: str, index: int, coro: Awaitable[Any]) -> tuple[str, int, Any]:
     return kind, index, await coro
-
-
-async def expect_job_answers(http: aiohttp.ClientSession, stack: Stack,
-                             jobs: dict[str, str]) -> None:
-    """Each job (id -> prompt text) polls as completed with the fake's answer."""
-    async def check(job_id: str, text: str) -> None:
-        answer = await final_poll(http, stack, job_id)
-        assert answer.status == 200 and answer.header("x-bf-async-status") == "completed", \
-            answer
-        assert answer.json()["content"][0]["text"] == echo(text), answer
-    await gather_bounded(20, *(check(j, t) for j, t in jobs.items()))
 
 
 # --- 1. a NUL in `model` ------------------------------------------------------------------------
@@ -362,21 +308,6 @@ def odd_body(model: str, text: str, number: str, place: str, stream: bool = Fals
     return (f'{{"model": {orjson.dumps(model).decode()}, "max_tokens": 64, "messages": '
             f'[{{"role": "user", "content": [{content}]}}]'
             f'{extra.format(number=number)}{flag}}}').encode()
-
-
-def assert_answer_or_refusal(answer: RawResponse, text: str, stream: bool) -> None:
-    """A request that may be refused: the fake's answer in full, or a clean 4xx."""
-    if answer.status != 200:
-        assert_clean_error(answer)
-        return
-    if stream:
-        events = parse_sse(answer.body)
-        assert events[-1][0] == "message_stop", events[-3:]
-        deltas = [d["delta"]["text"] for n, d in events if n == "content_block_delta"
-                  and d["delta"]["type"] == "text_delta"]
-        assert "".join(deltas) == echo(text), answer
-    else:
-        assert answer.json()["content"][0]["text"] == echo(text), answer
 
 
 @pytest.mark.parametrize("model", ["claude-hostile", "openai/gpt-4o", "backup/claude-y"])
