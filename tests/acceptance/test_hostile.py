@@ -64,6 +64,7 @@ pytestmark = pytest.mark.acceptance
 
 BODY_TIMEOUT_S = 2  # FERRY_BODY_TIMEOUT of this module's stack: stalled bodies are cut fast
 RAW_HEADERS = [("content-type", "application/json"), ("anthropic-version", "2023-06-01")]
+KEY = ("x-api-key", CLIENT_KEY)
 
 
 def providers_toml(stack: Stack) -> str:
@@ -502,6 +503,37 @@ async def test_non_ascii_header_bytes_are_never_a_server_error(
     assert_alive(ferry)
 
 
+# Ferry's own headers: each value read, none forwarded as is.
+OWN_HEADERS = [b"x-ferry-fallbacks", b"x-bf-async", b"x-bf-async-job-result-ttl",
+               b"idempotency-key", b"x-bf-async-id", b"content-type", b"content-encoding"]
+
+
+@pytest.mark.parametrize("name", OWN_HEADERS)
+async def test_non_ascii_bytes_in_ferrys_own_headers_are_never_a_server_error(
+    ferry: Stack, http: aiohttp.ClientSession, name: bytes
+) -> None:
+    good = [good_call(http, ferry, unique("beside odd headers"), stream=i % 2 == 1)
+            for i in range(10)]
+    attacks = []
+    for value in NON_ASCII + [b"backup/" + v for v in NON_ASCII]:
+        headers: list[tuple[bytes | str, bytes | str]] = [(name, value), KEY]
+        for path, stream in ((MESSAGES, False), (MESSAGES, True), (COUNT_TOKENS, False)):
+            attacks.append(exchange(ferry.port, raw_body_request(
+                path, headers, body(unique("odd header"), stream=stream))))
+        if name != b"x-bf-async":
+            attacks.append(exchange(ferry.port, raw_body_request(
+                MESSAGES, [*headers, ("x-bf-async", "true")], body(unique("odd header")))))
+    _, answers = await run_together(good, attacks)
+    for answer in answers:
+        if name == b"x-ferry-fallbacks":  # no provider serves a route that is not text
+            assert_error_envelope(answer, status=400)
+        elif answer.status >= 400:
+            assert_clean_error(answer)
+        else:
+            assert answer.status == 200, answer
+    assert_alive(ferry)
+
+
 @pytest.mark.parametrize("name", CREDENTIAL_HEADERS)
 async def test_a_job_submitted_with_a_non_ascii_credential_is_that_credentials_alone(
     ferry: Stack, name: bytes
@@ -569,7 +601,6 @@ async def test_distinct_model_names_do_not_grow_the_metrics(
 
 MARK = b"ZQXMARK"  # put in each malformed request; must never come back
 GOOD_BODY = request_body("malformed http", model="claude-hostile")
-KEY = ("x-api-key", CLIENT_KEY)
 
 
 def _chunked(*pieces: bytes) -> bytes:
