@@ -46,6 +46,13 @@ def _dump(value: Any, ascii_only: bool) -> str:
     return json.dumps(value, ensure_ascii=ascii_only)
 
 
+def weighted(*options: tuple[int, st.SearchStrategy[Any]]) -> st.SearchStrategy[Any]:
+    """Each strategy drawn in proportion to its weight (`one_of` gives each branch the same
+    chance, and drops repeated branches)."""
+    return st.sampled_from([s for weight, s in options for _ in range(weight)]).flatmap(
+        lambda strategy: strategy)
+
+
 # --- JSON values --------------------------------------------------------------------------------
 
 RAW_TOKENS = st.sampled_from([
@@ -60,7 +67,7 @@ SURROGATES = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), 
                      max_size=3)
 # Mostly ordinary text: a lone surrogate anywhere makes a whole body invalid, and the point is
 # to reach every layer, not to be refused at the first.
-TEXT = st.one_of([st.text(max_size=30)] * 8 + [SPECIAL_TEXT, SURROGATES]).filter(
+TEXT = weighted((8, st.text(max_size=30)), (1, SPECIAL_TEXT), (1, SURROGATES)).filter(
     lambda t: "[[fake" not in t)
 KEYS = st.sampled_from([
     "type", "text", "model", "messages", "role", "content", "stream", "max_tokens", "system",
@@ -76,10 +83,12 @@ JSON = st.recursive(SCALARS, lambda children: st.lists(children, max_size=4)
 
 # --- Messages requests, valid-ish -----------------------------------------------------------
 
-MODELS = st.one_of([st.sampled_from(["claude-fuzz", "openai/gpt-4o", "backup/claude-y",
-                                      "m" * 512, "openai//x"])] * 8
-                   + [st.sampled_from(["nope/x", "openai/", "/x", "", "OPENAI/x", "m" * 513,
-                                       "backup/" + "x" * 600, "a\x00"]), TEXT])
+MODELS = weighted(
+    (8, st.sampled_from(["claude-fuzz", "openai/gpt-4o", "backup/claude-y", "m" * 512,
+                         "openai//x"])),
+    (1, st.sampled_from(["nope/x", "openai/", "/x", "", "OPENAI/x", "m" * 513,
+                         "backup/" + "x" * 600, "a\x00"])),
+    (1, TEXT))
 ROLES = st.sampled_from(["user", "user", "assistant", "system"]) | TEXT
 BLOCK_TYPES = st.sampled_from([
     "text", "text", "image", "document", "tool_use", "tool_result", "thinking",
@@ -104,7 +113,7 @@ TOOLS = st.lists(st.fixed_dictionaries(
     max_size=2)
 REQUESTS = st.fixed_dictionaries(
     {"model": MODELS,
-     "max_tokens": st.one_of([st.integers(1, 2048)] * 6 + [st.sampled_from([0, -1, 2**64])]),
+     "max_tokens": weighted((6, st.integers(1, 2048)), (1, st.sampled_from([0, -1, 2**64]))),
      "messages": st.lists(MESSAGE, min_size=1, max_size=3)},
     optional={
         "stream": st.booleans(), "system": TEXT | st.lists(BLOCKS, max_size=2),
@@ -217,9 +226,9 @@ KNOWN_METHODS = st.sampled_from([
     b"GET", b"GET", b"GET", b"HEAD", b"POST", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS",
     b"TRACE", b"PROPFIND", b"get", b"Post", b"M-SEARCH", b"LINK",
 ])
-METHODS = st.one_of([KNOWN_METHODS] * 4 + [
-    st.from_regex(rb"\A[A-Z]{1,12}\Z"),
-    st.binary(min_size=1, max_size=12).filter(lambda m: not any(c in m for c in b" \r\n"))])
+METHODS = weighted(
+    (4, KNOWN_METHODS), (1, st.from_regex(rb"\A[A-Z]{1,12}\Z")),
+    (1, st.binary(min_size=1, max_size=12).filter(lambda m: not any(c in m for c in b" \r\n"))))
 PATHS = st.sampled_from([
     "/", "/healthz", "/readyz", "/metrics", MESSAGES, COUNT_TOKENS, "/anthropic/v1/models",
     "/anthropic/v1/models/claude-x", "/anthropic/v1/models/openai/gpt-4o", MESSAGES + "/",
@@ -282,9 +291,9 @@ def encoding_cases(draw: st.DrawFn, body: bytes) -> EncodingCase:
     data = ENCODE[kind](plain)
     named = draw(st.sampled_from(NAMES.get(kind, ["deflate" if kind == "raw-deflate"
                                                   else "gzip"])))
-    header_text = draw(st.one_of([st.just(named)] * 4 + [st.sampled_from([
+    header_text = draw(weighted((4, st.just(named)), (1, st.sampled_from([
         "gzip", "deflate", "br", "identity", "compress", "zstd", "*", "gzip, identity",
-        "identity, gzip", "gzip;q=1", "chunked"]), st.from_regex(r"\A[a-z0-9-]{1,12}\Z")]))
+        "identity, gzip", "gzip;q=1", "chunked"])), (1, st.from_regex(r"\A[a-z0-9-]{1,12}\Z"))))
     header: bytes | None = header_text.encode()
     if kind == "identity" and header_text == "" and draw(st.booleans()):
         header = None
