@@ -103,7 +103,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-# --- well-formed traffic and its checks ---------------------------------------------------------
+# --- requests, and what they leave behind -------------------------------------------------------
 
 
 def body(text: str, model: str = "claude-hostile", **extra: Any) -> bytes:
