@@ -20,7 +20,7 @@ from api.middleware import errors_middleware
 from api.models import ModelCatalog, find, page
 from api.replies import ReplyRouter
 from api.responses import json_response
-from api.server import FerryRunner, no_banner
+from api.server import FerryRunner, expect_handler, no_banner
 from api.state import (
     ADMISSION,
     BROKER,
@@ -183,8 +183,9 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_broker_ctx)
     app.cleanup_ctx.append(_stats_ctx)
     app.cleanup_ctx.append(_metrics_ctx)
-    app.router.add_post("/anthropic/v1/messages", create_message)
-    app.router.add_post("/anthropic/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/anthropic/v1/messages", create_message, expect_handler=expect_handler)
+    app.router.add_post("/anthropic/v1/messages/count_tokens", count_tokens,
+                        expect_handler=expect_handler)
     app.router.add_get("/anthropic/v1/models", list_models)
     app.router.add_get("/anthropic/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/", root)  # GET also answers HEAD
@@ -201,8 +202,10 @@ _HANDLER_ARGS: dict[str, Any] = {"auto_decompress": False, "max_line_size": 8190
 
 
 async def serve(settings: Settings, life: Lifecycle) -> None:
+    # keepalive_timeout bounds a connection that sends nothing, or stalls in its headers, as
+    # FERRY_BODY_TIMEOUT bounds a stalled body (aiohttp's default is an hour).
     runner = FerryRunner(create_app(settings), access_log=None, handler_cancellation=True,
-                         **_HANDLER_ARGS)
+                         keepalive_timeout=settings.body_timeout_s, **_HANDLER_ARGS)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

@@ -43,6 +43,13 @@ def check_content_type(request: web.Request) -> None:
 async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> bytes:
     """The request body, inflated if it was sent compressed. Raises 408 when it does not
     arrive in time, 413 past `max_bytes` (compressed or not), 415 for an unknown encoding."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RequestTooLarge(f"request body is larger than the limit of {max_bytes} bytes")
+    codings = [c.strip().lower() for value in request.headers.getall("Content-Encoding", [])
+               for c in value.split(",") if c.strip().lower() not in ("", "identity")]
+    if len(codings) > 1:
+        raise UnsupportedMediaType(f"several content-codings ({', '.join(codings)[:100]}) are "
+                                   "not supported: use one of gzip, deflate or br")
     try:
         async with asyncio.timeout(timeout_s):
             raw = await request.read()  # aiohttp enforces client_max_size on the raw bytes
@@ -52,14 +59,13 @@ async def read_body(request: web.Request, max_bytes: int, timeout_s: float) -> b
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(f"request body is larger than the limit of {max_bytes} bytes"
                               ) from None
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
+    if not codings:
         return raw
-    return await inflate(raw, encoding, max_bytes)
+    return await inflate(raw, codings[0], max_bytes)
 
 
 async def inflate(data: bytes, encoding: str, max_bytes: int) -> bytes:
-    step = _decoder(encoding)
+    step = _decoder(encoding, data)
     out = bytearray()
     pending = data
     while True:
@@ -76,11 +82,15 @@ async def inflate(data: bytes, encoding: str, max_bytes: int) -> bytes:
 Step = Callable[[bytes], tuple[bytes, bytes, bool]]
 
 
-def _decoder(encoding: str) -> Step:
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        # gzip; deflate as RFC 9110 means it (zlib-wrapped), also taken raw as browsers send
-        wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
-        return _zlib_step(zlib.decompressobj(wbits), encoding)
+def _decoder(encoding: str, data: bytes) -> Step:
+    if encoding in ("gzip", "x-gzip"):
+        return _zlib_step(zlib.decompressobj(16 + zlib.MAX_WBITS), encoding)
+    if encoding == "deflate":
+        # As RFC 9110 means it (zlib-wrapped), or raw deflate as some clients send it: a
+        # zlib header is two bytes whose value is a multiple of 31, with method 8.
+        wrapped = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return _zlib_step(zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS),
+                          encoding)
     if encoding == "br":
         return _brotli_step(brotli.Decompressor())
     raise UnsupportedMediaType(

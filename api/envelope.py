@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from api.body import check_content_type, read_body
-from api.headers import FALLBACKS, forwarded_headers
+from api.headers import fallbacks_header, forwarded_headers
 from api.state import CHECKER, MODEL, PROVIDERS, REQUEST_ID_KEY, SETTINGS
 from api.validation import RequestFacts
 from shared.errors import InvalidRequest
@@ -41,7 +41,7 @@ async def read_inbound(request: web.Request, *, count_tokens: bool = False) -> I
         raise InvalidRequest("request body is empty; expected a JSON Messages request")
     facts = await request.app[CHECKER].check(body, count_tokens=count_tokens)
     request[MODEL] = facts.model
-    resolution = request.app[PROVIDERS].resolve(facts.model, request.headers.get(FALLBACKS))
+    resolution = request.app[PROVIDERS].resolve(facts.model, fallbacks_header(request.headers))
     return Inbound(body, facts, resolution, forward, query)
 
 

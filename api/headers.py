@@ -49,6 +49,13 @@ def forwarded_headers(headers: CIMultiDictProxy[str]) -> tuple[tuple[str, str], 
     return out
 
 
+def fallbacks_header(headers: Mapping[str, str]) -> str | None:
+    value = headers.get(FALLBACKS)
+    if value is not None and (not value.isascii() or len(value) > MAX_FORWARDED_BYTES):
+        raise InvalidRequest(f"{FALLBACKS} must be ASCII routes, comma-separated")
+    return value
+
+
 def parse_async_flag(value: str | None) -> bool:
     if value is None:
         return False

@@ -8,10 +8,11 @@ import secrets
 from typing import Any
 
 from aiohttp import http_exceptions, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from api.responses import FERRY_REQUEST_ID, REQUEST_ID
+from shared.errors import InvalidRequest
 from shared.logging import get_logger
 from shared.wire import ErrorEnvelope, error_type_for_status
 
@@ -42,24 +43,57 @@ def _describe(status: int, exc: BaseException | None) -> str:
     return "malformed HTTP request"
 
 
+def envelope(status: int, message: str) -> web.Response:
+    request_id = new_request_id()
+    body = ErrorEnvelope.of(error_type_for_status(status), message, request_id).to_json()
+    return web.Response(status=status, body=body, content_type="application/json",
+                        headers={REQUEST_ID: request_id, FERRY_REQUEST_ID: request_id,
+                                 "Server": SERVER_NAME})
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation is a 417 in the
+    envelope (aiohttp's own answer is plain text echoing the header)."""
+    if request.version < (1, 1):
+        return None
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun
+        return None
+    response = envelope(417, "unsupported Expect header")
+    response.force_close()
+    return response
+
+
 class FerryRequestHandler(RequestHandler):
+    def data_received(self, data: bytes) -> None:
+        """aiohttp queues a framing error found mid-body (bad chunking) as a new message and
+        leaves the request being read waiting for the rest of its body until a timeout. Fail
+        that body at once instead (a 400), and close the connection after its answer."""
+        queued = len(self._messages)
+        super().data_received(data)
+        request = self._current_request
+        if request is None or len(self._messages) <= queued:
+            return
+        message, _ = self._messages[-1]
+        if isinstance(message, _ErrInfo) and not request.content.is_eof():
+            self._messages.pop()
+            self.keep_alive(False)
+            request.content.set_exception(InvalidRequest(
+                "malformed request body framing (chunked encoding)"))
+
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        request_id = new_request_id()
         if status >= 500:
-            log.error("HTTP-level error", status=status, request_id=request_id,
+            log.error("HTTP-level error", status=status,
                       error=type(exc).__name__ if exc else None)
         else:
-            log.info("malformed HTTP request refused", status=status, request_id=request_id,
+            log.info("malformed HTTP request refused", status=status,
                      error=type(exc).__name__ if exc else None)
         if request.writer.output_size > 0:
             raise ConnectionError("a response was already started; cannot send the error")
-        body = ErrorEnvelope.of(error_type_for_status(status), _describe(status, exc),
-                                request_id).to_json()
-        response = web.Response(status=status, body=body, content_type="application/json",
-                                headers={REQUEST_ID: request_id, FERRY_REQUEST_ID: request_id,
-                                         "Server": SERVER_NAME})
+        response = envelope(status, _describe(status, exc))
         response.force_close()
         return response
 

@@ -105,7 +105,8 @@ class InteractiveRunner:
             elif message.redelivered:
                 # The worker that had it died; it may have sent part of the answer already.
                 await self._reply(envelope, _error_reply(
-                    503, "api_error", "the worker serving this request stopped; retry"))
+                    503, "api_error", "the worker serving this request stopped; retry",
+                    envelope.request_id))
             else:
                 await self._serve(envelope)
         finally:
@@ -125,7 +126,7 @@ class InteractiveRunner:
         except ProviderError as exc:
             outcome.fail(exc.status, exc.error_type)
             await self._reply(envelope, Reply(
-                kind="error", status=exc.status, body=exc.to_json(),
+                kind="error", status=exc.status, body=exc.to_json(envelope.request_id),
                 provider_seconds=outcome.provider_seconds,
                 headers=_error_headers(exc, outcome.attempts.count)))
         except asyncio.CancelledError:
@@ -135,13 +136,15 @@ class InteractiveRunner:
             else:  # shutdown past the grace period: tell the api rather than go silent
                 outcome.fail(503, "worker_shutdown")
                 await asyncio.shield(self._reply(envelope, _error_reply(
-                    503, "api_error", "the worker shut down before answering; retry")))
+                    503, "api_error", "the worker shut down before answering; retry",
+                    envelope.request_id)))
             raise
         except Exception:
             log.exception("interactive request failed in the worker")
             outcome.fail(500, "api_error")
             await self._reply(envelope, _error_reply(500, "api_error",
-                                                     "internal error in the worker"))
+                                                     "internal error in the worker",
+                                                     envelope.request_id))
         finally:
             self._cancelled_by_client.discard(envelope.job_id.hex)
             log.info("request served", operation=envelope.operation, mode=envelope.mode,
@@ -218,9 +221,10 @@ async def _count_tokens(provider: Provider, body: bytes, ctx: CallContext) -> Pr
     return await provider.count_tokens(body, ctx)
 
 
-def _error_reply(status: int, error_type: str, message: str) -> Reply:
+def _error_reply(status: int, error_type: str, message: str,
+                 request_id: str | None = None) -> Reply:
     return Reply(kind="error", status=status,
-                 body=ErrorEnvelope.of(error_type, message).to_json())
+                 body=ErrorEnvelope.of(error_type, message, request_id).to_json())
 
 
 def _error_headers(exc: ProviderError, attempts: int) -> Headers:

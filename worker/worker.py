@@ -211,7 +211,7 @@ class Worker:
                                   f"stopped under it {claim.abandoned} times; giving up",
                                   retryable=False)
             await self._store_call(job, lambda: self._store.finish(
-                envelope.job_id, _failure(error, attempts=0)))
+                envelope.job_id, _failure(error, 0, envelope.request_id)))
             log.error("job failed after repeated take-overs", abandoned=claim.abandoned)
             return "ack"
         outcome = await self._call(job, envelope, claim)
@@ -272,11 +272,11 @@ class Worker:
         except ProviderError as exc:
             log.info("provider call failed", status=exc.status, error_type=exc.error_type,
                      attempts=job.attempts.count)
-            return _failure(exc, job.attempts.count)
+            return _failure(exc, job.attempts.count, envelope.request_id)
         except TimeoutError:
             error = ProviderError(504, "timeout_error", "the job did not finish within "
                                   f"{s.job_deadline_s:g} s (FERRY_JOB_DEADLINE)")
-            return _failure(error, job.attempts.count)
+            return _failure(error, job.attempts.count, envelope.request_id)
         return _success(response, job.attempts.count, route)
 
     async def _park(self, job: _Job, envelope: JobEnvelope, later: RetryLater) -> None:
@@ -306,7 +306,7 @@ class Worker:
         error = ProviderError(500, "api_error", "internal error in the worker", retryable=False)
         try:
             await asyncio.wait_for(self._store.finish(
-                envelope.job_id, _failure(error, job.attempts.count)), 10)
+                envelope.job_id, _failure(error, job.attempts.count, envelope.request_id)), 10)
         except Exception:
             log.exception("could not fail the job; handing it back")
             return "nack"
@@ -347,6 +347,7 @@ def _success(response: ProviderResponse, attempts: int, route: Route) -> Outcome
     )
 
 
-def _failure(exc: ProviderError, attempts: int) -> Outcome:
-    return Outcome(status="failed", body=exc.to_json(), attempts=attempts,
+def _failure(exc: ProviderError, attempts: int, request_id: str | None = None) -> Outcome:
+    """A failed job's outcome; Ferry's own envelope carries the submit's request id."""
+    return Outcome(status="failed", body=exc.to_json(request_id), attempts=attempts,
                    http_status=exc.status, error_type=exc.error_type)

@@ -599,7 +599,10 @@ async def test_distinct_model_names_do_not_grow_the_metrics(
     for answer in answers:
         assert_error_envelope(answer, status=400)
 
-    async with http.get(ferry.url + "/metrics") as resp:
+    # /metrics is on the api's metrics port, not its client port.
+    port = re.search(r'"port": (\d+), "event": "metrics served"',
+                     ferry.logs["api"].read_text()).group(1)  # type: ignore[union-attr]
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
         assert resp.status == 200
         metrics = await resp.text()
     series = [line for line in metrics.splitlines() if line.startswith("ferry_requests_total{")]

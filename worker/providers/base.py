@@ -92,12 +92,13 @@ class ProviderError(Exception):
         self.body = body
         self.headers = headers
 
-    def envelope(self) -> ErrorEnvelope:
-        return ErrorEnvelope.of(self.error_type, self.message)
+    def envelope(self, request_id: str | None = None) -> ErrorEnvelope:
+        return ErrorEnvelope.of(self.error_type, self.message, request_id)
 
-    def to_json(self) -> bytes:
-        """The error body for the client: the provider's own when it sent one."""
-        return self.body if self.body is not None else self.envelope().to_json()
+    def to_json(self, request_id: str | None = None) -> bytes:
+        """The error body for the client: the provider's own when it sent one (with the
+        provider's request id), else Ferry's envelope with Ferry's request id."""
+        return self.body if self.body is not None else self.envelope(request_id).to_json()
 
 
 def unreachable(provider: str, exc: BaseException) -> ProviderError:
