@@ -27,6 +27,7 @@ log = get_logger("ferry.api")
 
 MAX_BATCH = 200
 MAX_FLUSHES = 4  # batches in flight at once: overlaps database and broker round trips
+RECONNECT_WAIT_S = 3.0  # how long a submit waits for the broker connection to come back
 
 _Pending = tuple[NewJob, "asyncio.Future[None]"]
 
@@ -104,9 +105,8 @@ class SubmitBatcher:
                 raise result
 
     async def _publish_each(self, jobs: list[NewJob]) -> list[FerryError | None]:
-        outcomes = await asyncio.gather(
-            *(self._broker.publish_raw_job(job.id, job.message) for job in jobs),
-            return_exceptions=True)
+        outcomes = await asyncio.gather(*(self._publish_one(job) for job in jobs),
+                                        return_exceptions=True)
         results: list[FerryError | None] = []
         for outcome in outcomes:
             if outcome is None or isinstance(outcome, FerryError):
@@ -115,6 +115,17 @@ class SubmitBatcher:
                 log.error("publish failed unexpectedly", error=repr(outcome))
                 results.append(Unavailable("the job could not be queued; retry later"))
         return results
+
+    async def _publish_one(self, job: NewJob) -> None:
+        """Publish; if the broker connection went, once more on the node the process moves
+        to (on a cluster, within moments). A duplicate from a confirm lost with the old
+        connection is harmless: the job row lets one worker run it."""
+        try:
+            await self._broker.publish_raw_job(job.id, job.message)
+        except Unavailable:
+            if not await self._broker.link.wait_up(RECONNECT_WAIT_S):
+                raise
+            await self._broker.publish_raw_job(job.id, job.message)
 
     async def _settle(self, jobs: list[NewJob], results: list[FerryError | None]) -> None:
         """After the answers: record what was published, withdraw what was not. If this

@@ -9,17 +9,20 @@ survive the loss of a minority of nodes):
   instead of dropping them.
 - `<ns>.jobs.dead` (quorum): what the broker gave up on; the reconciler fails or republishes
   each job in it, so nothing is left silent.
-- `<ns>.interactive` (classic): sync and stream requests. Their client waits on one api
-  process; if the node holding this queue dies, the api answers 503 at once and the client
-  retries: replicating a request whose waiter is gone would buy nothing.
-- reply queues (classic, exclusive, one per api process) and the cancel fanout's queues: the
-  same reasoning; they are declared again on whichever node the process reconnects to.
+- `<ns>.interactive`: sync and stream requests. Classic on a single broker (no replication
+  to pay for on the fastest path); a quorum queue when AMQP_URL lists several nodes
+  (FERRY_INTERACTIVE_QUEUE_TYPE=auto), so the lane survives the loss of the node that would
+  otherwise hold it. Requests waiting on a lost connection are answered 503 at once either way.
+- reply queues (classic, exclusive, one per api process) and each worker's queue on the cancel
+  fanout: they only matter while their process is connected, and are declared again on
+  whichever node it reconnects to; losing one loses nothing durable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ DELAY_TIERS_S = (10, 30, 60, 300, 900)
 # fails a poison job itself long before this; the broker's limit is only a backstop, set
 # explicitly so RabbitMQ 3.x and 4.x (whose default is 20) behave the same.
 BROKER_DELIVERY_LIMIT = 100
+REOPEN_EVERY_S = 0.25
+STALE_RETRY_S = 5.0
 JOB_CONTENT_TYPE = "application/x-ferry-job"
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -127,6 +132,8 @@ class Broker:
         self._link = link
         self._publisher: AbstractChannel | None = None
         self._fast: AbstractChannel | None = None
+        self._interactive: AbstractChannel | None = None
+        self._reopened_at = 0.0
         self._consumers: list[_Consumer] = []
         self._paused = False
         self.reply_queue = f"{settings.namespace}.replies.{uuid.uuid4().hex[:12]}"
@@ -175,6 +182,11 @@ class Broker:
             self._publisher = await connection.channel(publisher_confirms=True,
                                                        on_return_raises=True)
             self._fast = await connection.channel(publisher_confirms=False)
+            # On a quorum interactive queue, requests are confirmed too: a refusal must be
+            # seen (see _publish_confirmed); on a classic one they ride the fast channel.
+            self._interactive = (await connection.channel(publisher_confirms=True)
+                                 if self._settings.interactive_queue_kind == "quorum"
+                                 else self._fast)
             await self.declare_topology(self._publisher)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise TopologyMismatch(
@@ -196,7 +208,7 @@ class Broker:
                                        durable=True)
         return await channel.declare_queue(
             s.interactive_queue, durable=True,
-            arguments={"x-queue-type": "classic", "x-overflow": "reject-publish",
+            arguments={"x-queue-type": s.interactive_queue_kind, "x-overflow": "reject-publish",
                        "x-max-length": s.interactive_max_queued},
         )
 
@@ -241,6 +253,9 @@ class Broker:
 
     def _channel(self, fast: bool = False) -> AbstractChannel:
         channel = self._fast if fast else self._publisher
+        return self._usable(channel)
+
+    def _usable(self, channel: AbstractChannel | None) -> AbstractChannel:
         if channel is None or channel.is_closed or not self._link.is_up:
             raise Unavailable("the message broker is unavailable; retry later")
         return channel
@@ -255,11 +270,9 @@ class Broker:
 
     async def _publish_confirmed(self, message: aio_pika.Message,
                                  routing_key: str | None) -> None:
+        queue = routing_key or self._settings.jobs_queue
         try:
-            await self._channel().default_exchange.publish(
-                message, routing_key=routing_key or self._settings.jobs_queue,
-                mandatory=True, timeout=PUBLISH_TIMEOUT_S,
-            )
+            await self._confirmed(lambda: self._channel(), message, queue, mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:
             # A nack: with x-overflow=reject-publish this is the queue being full.
             raise Overloaded("the job queue is full; retry later") from exc
@@ -268,21 +281,85 @@ class Broker:
         except CONNECT_ERRORS as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 
+    async def _confirmed(self, channel: Callable[[], AbstractChannel],
+                         message: aio_pika.Message, queue: str, *, mandatory: bool) -> None:
+        """Publish with a confirm. A nack from a queue that is not full means the channel is
+        stuck on a quorum queue's old leader (RabbitMQ 3.10 sets a channel's queue client up
+        from the queue record, which for a moment after a node died still names it): the
+        publishing channels are reopened and the message sent again, for a few seconds."""
+        deadline = time.monotonic() + STALE_RETRY_S
+        while True:
+            try:
+                await channel().default_exchange.publish(message, routing_key=queue,
+                                                         mandatory=mandatory,
+                                                         timeout=PUBLISH_TIMEOUT_S)
+                return
+            except aio_pika.exceptions.DeliveryError:
+                if time.monotonic() > deadline or not await self._reopen_if_stale(queue):
+                    raise
+                await asyncio.sleep(REOPEN_EVERY_S)
+
+    async def _reopen_if_stale(self, queue: str) -> bool:
+        connection = self._link.connection
+        if connection is None:
+            return False
+        limit = (self._settings.queue_max_length if queue == self._settings.jobs_queue
+                 else self._settings.interactive_max_queued
+                 if queue == self._settings.interactive_queue else None)
+        if limit is not None:
+            try:
+                depth = await self._depth(connection, queue)
+            except CONNECT_ERRORS:
+                return False
+            if depth >= limit:
+                return False  # really full
+        if time.monotonic() - self._reopened_at > REOPEN_EVERY_S:
+            self._reopened_at = time.monotonic()
+            log.warning("a queue refused a publish without being full; reopening the "
+                        "publishing channels", queue=queue)
+            old = [c for c in {self._publisher, self._interactive} if c is not None]
+            self._publisher = await connection.channel(publisher_confirms=True,
+                                                       on_return_raises=True)
+            if self._interactive is not self._fast:
+                self._interactive = await connection.channel(publisher_confirms=True)
+            for channel in old:
+                if channel is not self._fast:
+                    with contextlib.suppress(*CONNECT_ERRORS):
+                        await channel.close()
+        return True
+
+    @staticmethod
+    async def _depth(connection: AbstractConnection, queue: str) -> int:
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return declared.declaration_result.message_count or 0
+        finally:
+            with contextlib.suppress(*CONNECT_ERRORS):
+                await channel.close()
+
     async def publish_delayed(self, envelope: JobEnvelope, delay_s: float) -> None:
         """Park a job for a later attempt; returns once the broker confirmed it."""
         await self.publish_job(envelope, routing_key=self.delay_queue(delay_tier(delay_s)))
 
     async def publish_interactive(self, envelope: JobEnvelope) -> None:
         """Queue a sync/stream request; the broker drops it if no worker takes it in time.
-        Unconfirmed: a request the broker refuses (queue full) is simply never picked up,
-        and the api answers 529 when the pickup timeout passes."""
+        On a classic queue, unconfirmed: a request the broker refuses (queue full) is simply
+        never picked up, and the api answers 529 when the pickup timeout passes. On a
+        quorum queue (a cluster), confirmed: a refusal is a 529 at once."""
         message = job_message(envelope)
         message.expiration = self._settings.pickup_timeout_s
+        queue = self._settings.interactive_queue
         try:
-            await self._channel(fast=True).default_exchange.publish(
-                message, routing_key=self._settings.interactive_queue,
-                mandatory=False, timeout=PUBLISH_TIMEOUT_S,
-            )
+            if self._interactive is self._fast:
+                await self._channel(fast=True).default_exchange.publish(
+                    message, routing_key=queue, mandatory=False, timeout=PUBLISH_TIMEOUT_S)
+            else:
+                await self._confirmed(lambda: self._usable(self._interactive), message, queue,
+                                      mandatory=False)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise Overloaded("too many requests are waiting for a worker; retry later",
+                             headers={"retry-after": "1"}) from exc
         except CONNECT_ERRORS as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     stream_idle_timeout_s: float = Field(
         120.0, gt=0, validation_alias=_env("FERRY_STREAM_IDLE_TIMEOUT")
     )
+    # The sync/stream queue: a classic queue on one node, or (`auto` with several AMQP_URL
+    # nodes) a quorum queue, so that losing a node does not take the lane down with it.
+    interactive_queue_type: Literal["auto", "classic", "quorum"] = Field(
+        "auto", validation_alias=_env("FERRY_INTERACTIVE_QUEUE_TYPE"))
     interactive_max_queued: int = Field(
         10_000, ge=1, validation_alias=_env("FERRY_INTERACTIVE_MAX_QUEUED")
     )
@@ -175,6 +179,12 @@ class Settings(BaseSettings):
     @property
     def worker_lanes(self) -> frozenset[str]:
         return frozenset(self.lanes.split(","))
+
+    @property
+    def interactive_queue_kind(self) -> str:
+        if self.interactive_queue_type != "auto":
+            return self.interactive_queue_type
+        return "quorum" if "," in self.amqp_url.strip(", ") else "classic"
 
     @property
     def interactive_queue(self) -> str:

@@ -200,7 +200,7 @@ class TestRun:
         todo = sorted(self.namespaces if namespaces is None else namespaces)
         if not todo:
             return
-        connection = await aio_pika.connect_robust(self.amqp_url)
+        connection = await connect_any(self.amqp_url)
         try:
             channel = await connection.channel()
             for namespace in todo:
@@ -238,6 +238,18 @@ async def _remove_dead_runs(admin: asyncpg.Connection, run: TestRun) -> None:
         finally:
             await admin.execute("SELECT pg_advisory_unlock($1, hashtext($2))",
                                 _RUN_LOCK_CLASS, run_id)
+
+
+async def connect_any(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+    """A connection to the first node of `amqp_url` (one URL, or a cluster's list) that
+    answers."""
+    error: Exception | None = None
+    for url in (u.strip() for u in amqp_url.split(",") if u.strip()):
+        try:
+            return await aio_pika.connect(url, timeout=10)
+        except Exception as exc:  # the next node, then
+            error = exc
+    raise ConnectionError(f"no node of {amqp_url} answered: {error}")
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
 import asyncpg
 import orjson
 from aiohttp import web
 
 from tests.acceptance.stack import Stack, running_stack
-from tests.conftest import TestRun
+from tests.conftest import TestRun, connect_any
 from tests.support import free_port
 
 # PostgreSQL's connection limit (100 by default) is shared by every stack of a run, and of
@@ -106,7 +105,7 @@ async def start_extra_api(stack: Stack, name: str, **settings: str) -> str:
 
 async def queue_depth(stack: Stack, queue: str) -> int:
     """Messages ready in `<namespace>.<queue>` (not counting those a worker holds)."""
-    connection = await aio_pika.connect(stack.run.amqp_url)
+    connection = await connect_any(stack.broker_url)
     try:
         channel = await connection.channel()
         declared = await channel.declare_queue(f"{stack.namespace}.{queue}", passive=True)

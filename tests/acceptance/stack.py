@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
 import aiohttp
 import anthropic
 
-from tests.conftest import TestRun
+from tests.conftest import TestRun, connect_any
 from tests.support import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +188,7 @@ class Stack:
     async def wait_consumers(self, names: list[str]) -> None:
         """Until the jobs queue has a consumer per worker in `names` (they have no /readyz)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        connection = await aio_pika.connect(self.broker_url)
+        connection = await connect_any(self.broker_url)
         try:
             channel = await connection.channel()
             while True:
