@@ -37,9 +37,11 @@ from api.state import (
     SETTINGS,
     STORE,
     SUBMITS,
+    WAITERS,
 )
 from api.submit import SubmitBatcher
 from api.validation import BodyChecker
+from api.waiters import JobWaiters
 from shared import runtime
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
@@ -47,13 +49,15 @@ from shared.jobs import JobEnvelope, new_job_id
 from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import Metrics, metrics_server
-from shared.migrate import required_version
+from shared.migrate import missing_migrations
 from shared.providers import load_providers
 from shared.runtime import Lifecycle
 from shared.settings import Settings
 from shared.store import Store
 
 log = get_logger("ferry.api")
+
+LISTEN_BACKLOG = 4096
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -64,7 +68,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEYSTORE] = keystore = KeyStore(store)
     app[GATE] = Gate(keystore if settings.auth == "keys" else None, settings.database_url)
     app[LIMITER] = Limiter(keystore, settings.request_timeout_s + 60)
-    async with app[GATE].running():
+    app[WAITERS] = JobWaiters(store, settings.database_url, settings.db_connect_timeout_s,
+                              app[METRICS].long_polls)
+    async with app[GATE].running(), app[WAITERS].running():
         yield
     await store.close()
 
@@ -124,9 +130,9 @@ async def root(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     problems = []
     try:
-        version = await request.app[STORE].schema_version()
-        if version < required_version():
-            problems.append(f"database: schema version {version}, needs {required_version()}"
+        missing = await missing_migrations(request.app[STORE])
+        if missing:
+            problems.append(f"database: lacks migrations {', '.join(map(str, missing))}"
                             " (run `ferry migrate`)")
     except FerryError as exc:
         problems.append(f"database: {exc.message}")
@@ -208,7 +214,10 @@ async def serve(settings: Settings, life: Lifecycle) -> None:
                          keepalive_timeout=settings.body_timeout_s, **_HANDLER_ARGS)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        # A deep accept queue (the kernel caps it at net.core.somaxconn): with aiohttp's 128, a
+        # burst of new connections (thousands of long polls) has SYNs dropped and retried
+        # seconds later.
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
         await site.start()
         log.info("api listening", host=settings.host, port=settings.port,
                  namespace=settings.namespace)

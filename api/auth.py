@@ -8,7 +8,6 @@ in every api process; cached keys keep working while PostgreSQL is briefly away.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
@@ -19,8 +18,9 @@ from datetime import UTC, datetime
 from shared.errors import AuthenticationFailed, FerryError, Unavailable
 from shared.jobs import caller_hash, credential_of
 from shared.keys import KeyRecord, hash_secret
-from shared.keystore import KeyStore
+from shared.keystore import CHANNEL, KeyStore
 from shared.logging import get_logger
+from shared.notify import Listener
 
 log = get_logger("ferry.auth")
 
@@ -61,8 +61,8 @@ class Gate:
         self._dsn = dsn
         self._cache: dict[bytes, tuple[KeyRecord, float]] = {}
         self._unknown: dict[bytes, float] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
+        self._listener = Listener(dsn, CHANNEL, self._changed, self._reconnected,
+                                  retry_s=LISTEN_RETRY_S)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gate]:
@@ -71,34 +71,14 @@ class Gate:
                         "provider keys; jobs are bound to the hash of the presented credential")
             yield self
             return
-        self._task = asyncio.create_task(self._listen())
-        try:
+        async with self._listener.running():
             yield self
-        finally:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
-    async def _listen(self) -> None:
-        """Keep a LISTEN connection; a reconnect drops the cache (changes may have been
-        missed), but a lost connection keeps it (keys work while the database is away)."""
-        assert self._keys is not None
-        while True:
-            lost = asyncio.Event()
-            try:
-                close = await self._keys.listen(self._dsn, self._changed, lost.set)
-            except Unavailable:
-                await asyncio.sleep(LISTEN_RETRY_S)
-                continue
-            self._cache.clear()
-            self._unknown.clear()
-            self._listening.set()
-            try:
-                await lost.wait()
-                log.warning("lost the key change notifications; reconnecting")
-            finally:
-                self._listening.clear()
-                await close()
+    def _reconnected(self) -> None:
+        """Changes may have been missed while away: drop the cache. (A lost connection keeps
+        it: keys work while the database is away.)"""
+        self._cache.clear()
+        self._unknown.clear()
 
     def _changed(self, key_id: str) -> None:
         for secret_hash, (record, _) in list(self._cache.items()):
@@ -107,9 +87,7 @@ class Gate:
         self._unknown.clear()  # a new key may be one somebody just tried
 
     async def wait_listening(self, timeout_s: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._listening.wait(), timeout_s)
-        return self._listening.is_set()
+        return await self._listener.wait_listening(timeout_s)
 
     async def authenticate(self, headers: Mapping[str, str]) -> Principal:
         secret = presented_secret(headers)

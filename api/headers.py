@@ -15,6 +15,8 @@ ASYNC_TTL = "x-bf-async-job-result-ttl"
 ASYNC_STATUS = "x-bf-async-status"
 IDEMPOTENCY_KEY = "idempotency-key"
 FALLBACKS = "x-ferry-fallbacks"
+WAIT = "x-ferry-wait"
+MAX_WAIT_S = 60
 
 # Forwarded headers ride inside the job message; a bound keeps one request from bloating it.
 MAX_FORWARDED_BYTES = 16 * 1024
@@ -91,3 +93,17 @@ def idempotency_key(headers: Mapping[str, str]) -> str | None:
         raise InvalidRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable "
                              "ASCII characters")
     return key
+
+
+def parse_wait(value: str | None) -> float:
+    """`x-ferry-wait` on a poll: seconds to wait for the job to end, 0 to 60."""
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds <= MAX_WAIT_S:  # also refuses nan and inf
+        raise InvalidRequest(f"{WAIT} must be a number of seconds from 0 to {MAX_WAIT_S}, "
+                             f"got {value[:50]!r}")
+    return seconds

@@ -15,13 +15,25 @@ from api.headers import (
     ASYNC_STATUS,
     ASYNC_TTL,
     FALLBACKS,
+    WAIT,
     idempotency_key,
     parse_async_flag,
     parse_ttl,
+    parse_wait,
 )
 from api.interactive import serve_interactive
 from api.responses import json_bytes, json_response
-from api.state import GATE, LIMITER, MODE, PRINCIPAL, REPLIES, SETTINGS, STORE, SUBMITS
+from api.state import (
+    GATE,
+    LIMITER,
+    MODE,
+    PRINCIPAL,
+    REPLIES,
+    SETTINGS,
+    STORE,
+    SUBMITS,
+    WAITERS,
+)
 from shared.errors import AuthenticationFailed, InvalidRequest, NotFound
 from shared.jobs import JobEnvelope, Operation, format_job_id, parse_job_id
 from shared.store import NewJob, body_hash
@@ -123,8 +135,11 @@ async def submit_job(request: web.Request, principal: Principal, inbound: Inboun
 
 
 async def poll_job(request: web.Request, principal: Principal, poll_id: str) -> web.Response:
+    wait_s = parse_wait(request.headers.get(WAIT))
     job_id = parse_job_id(poll_id)
     view = await request.app[STORE].get_job(job_id, principal.owner) if job_id else None
+    if job_id and view is not None and wait_s > 0 and view.status in ("pending", "processing"):
+        view = await request.app[WAITERS].wait(job_id, principal.owner, wait_s)
     if view is None:
         raise NotFound(f"async job {poll_id[:100]!r} not found (unknown, expired, or not yours)")
     status_header = {ASYNC_STATUS: view.status}

@@ -9,6 +9,7 @@ from api.models import ModelCatalog
 from api.replies import ReplyRouter
 from api.submit import SubmitBatcher
 from api.validation import BodyChecker
+from api.waiters import JobWaiters
 from shared.broker import Broker
 from shared.keystore import KeyStore
 from shared.metrics import Metrics
@@ -29,6 +30,7 @@ CATALOG = web.AppKey("catalog", ModelCatalog)
 GATE = web.AppKey("gate", Gate)
 LIMITER = web.AppKey("limiter", Limiter)
 KEYSTORE = web.AppKey("keystore", KeyStore)
+WAITERS = web.AppKey("waiters", JobWaiters)
 
 # Per-request facts the handlers leave for the middleware (metrics, logs, the id headers).
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

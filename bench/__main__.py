@@ -29,8 +29,7 @@ from bench.stack import BASE_ENV, FerryStack
 BENCH_DIR = PROJECT_ROOT / "bench"
 LOG_DIR = BENCH_DIR / ".logs"
 RESULTS = BENCH_DIR / "RESULTS.md"
-DATABASE = "ferry_bench"
-NAMESPACE = "ferry-bench"  # fixed, like the database: what a killed run left is removed
+DATABASE = "ferry_bench"  # fixed (per --name): what a killed run left is removed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,7 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=os.environ.get("DATABASE_URL",
                                                "postgresql://postgres@127.0.0.1:5432/postgres"),
                         help="server to create the bench database on (its database part is "
-                             f"replaced by {DATABASE})")
+                             "replaced by --name)")
+    parser.add_argument("--name", default=DATABASE,
+                        help="the bench's database and namespace (default %(default)s); give "
+                             "two runs sharing the services different names")
     parser.add_argument("--amqp-url",
                         default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args(argv)
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 async def run(args: argparse.Namespace, procs: Processes) -> int:
     report = Report(quick=args.quick)
     admin_dsn = with_database(args.database_url, "postgres")
-    database_url = with_database(args.database_url, DATABASE)
-    namespace = NAMESPACE
+    database_url = with_database(args.database_url, args.name)
+    namespace = args.name.replace("_", "-")
     stack = FerryStack(procs, namespace, database_url, args.amqp_url)
     selected = args.only or list(SCENARIOS)
     report.context.update({
@@ -105,8 +107,8 @@ async def run(args: argparse.Namespace, procs: Processes) -> int:
         "scenarios": " ".join(selected),
         "logs": str(LOG_DIR.relative_to(PROJECT_ROOT)),
     })
-    progress(f"namespace {namespace}, database {DATABASE}, logs in {LOG_DIR}")
-    await drop_database(admin_dsn, DATABASE)
+    progress(f"namespace {namespace}, database {args.name}, logs in {LOG_DIR}")
+    await drop_database(admin_dsn, args.name)
     await stack.delete_topology()
     db: BenchDB | None = None
     failure: BaseException | None = None
@@ -145,7 +147,7 @@ async def run(args: argparse.Namespace, procs: Processes) -> int:
         report.note(f"**run incomplete**: {type(exc).__name__}: {exc}")
         raise
     finally:
-        await _shutdown(stack, procs, db, admin_dsn)
+        await _shutdown(stack, procs, db, admin_dsn, args.name)
         print(report.environment() + "\n" + report.markdown(), flush=True)
         if args.write_results and failure is None:
             report.write_results(RESULTS, HOW_MEASURED)
@@ -154,14 +156,14 @@ async def run(args: argparse.Namespace, procs: Processes) -> int:
 
 
 async def _shutdown(stack: FerryStack, procs: Processes, db: BenchDB | None,
-                    admin_dsn: str) -> None:
+                    admin_dsn: str, database: str) -> None:
     progress("stopping every process")
     procs.stop_all()
     try:
         if db is not None:
             await db.close()
         await stack.delete_topology()
-        await drop_database(admin_dsn, DATABASE)
+        await drop_database(admin_dsn, database)
     except Exception as exc:  # noqa: BLE001 - best effort; the processes are already gone
         progress(f"cleanup: {type(exc).__name__}: {exc}")
 

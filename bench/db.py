@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,6 +54,16 @@ class BenchDB:
 
     async def reset(self) -> None:
         await self._conn.execute("TRUNCATE jobs CASCADE")
+
+    async def job_ids(self) -> list[uuid.UUID]:
+        return [r["id"] for r in await self._conn.fetch("SELECT id FROM jobs")]
+
+    async def completion_times(self) -> dict[uuid.UUID, float]:
+        """Each finished job's completed_at, as a Unix time."""
+        rows = await self._conn.fetch(
+            "SELECT id, extract(epoch FROM completed_at)::float8 AS t FROM jobs"
+            " WHERE completed_at IS NOT NULL")
+        return {r["id"]: r["t"] for r in rows}
 
     async def status_counts(self) -> dict[str, int]:
         rows = await self._conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import aiohttp
 
+from shared.runtime import raise_open_files_limit
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_CHARS = 3000
@@ -155,10 +157,17 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
+def rss_mib(pid: int) -> float | None:
+    """VmRSS (resident set now) of a live process, in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def raise_fd_limit() -> None:
     """Children inherit it: 10,000 jobs in flight hold that many sockets in several processes."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_open_files_limit()

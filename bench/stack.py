@@ -16,7 +16,7 @@ import aiohttp
 from bench.procs import BenchError, Processes, free_port, log_tail, peak_rss_mib, wait_http
 
 FERRY = [sys.executable, "-m", "shared.cli"]
-API_KEY = "bench-key"
+API_KEY = "sk-ferry-bench-key-0001"
 MODEL = "claude-bench"
 
 # The environment every Ferry process gets; scenarios add to it (e.g. worker concurrency).
@@ -37,12 +37,17 @@ class FerryStack:
     api_port: int = field(default_factory=free_port)
     fake_port: int = field(default_factory=free_port)
     bare_port: int = field(default_factory=free_port)
+    api_metrics_port: int = field(default_factory=free_port)
     workers: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def api_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_metrics_port}"
 
     @property
     def fake_url(self) -> str:
@@ -78,7 +83,16 @@ class FerryStack:
         if code != 0:
             raise BenchError(f"ferry migrate failed ({code}):\n"
                              f"{log_tail(self.procs.logs['migrate'])}")
-        self.procs.start("api", [*FERRY, "api"], self.env())
+        # A gateway key for the load generators (FERRY_AUTH=keys, the default): the bench
+        # measures the authenticated path, as deployed.
+        keys = self.procs.start("keys", [*FERRY, "keys", "create", "bench", "--secret",
+                                         API_KEY], self.env())
+        code = await asyncio.to_thread(keys.wait)
+        if code != 0:
+            raise BenchError(f"ferry keys create failed ({code}):\n"
+                             f"{log_tail(self.procs.logs['keys'])}")
+        self.procs.start("api", [*FERRY, "api"],
+                         self.env({"FERRY_METRICS_PORT": str(self.api_metrics_port)}))
         await wait_http(f"{self.api_url}/readyz", self.procs, "api")
 
     async def clear_fake_calls(self) -> None:

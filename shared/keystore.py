@@ -5,7 +5,6 @@ process drops its cached copy at once (revocation takes effect everywhere within
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from shared.keys import KeyRecord, Limits
-from shared.store import Store, _translated
+from shared.store import Store
 
 CHANNEL = "ferry_keys"
 _COLUMNS = ("id, name, prefix, created_at, expires_at, revoked_at, rpm, tpm, concurrency,"
@@ -120,29 +119,6 @@ class KeyStore:
                 raise NoSuchKey(f"no key named {name!r}")
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(row["id"]))
         return _record(row)
-
-    async def listen(self, dsn: str, on_change: Callable[[str], None],
-                     on_lost: Callable[[], None]) -> Callable[[], Awaitable[None]]:
-        """A connection of its own that LISTENs for key changes; returns its closer."""
-        with _translated():
-            conn = await asyncpg.connect(dsn, timeout=10)
-
-        def notified(_c: object, _pid: int, _channel: str, payload: str) -> None:
-            on_change(payload)
-
-        def terminated(_c: object) -> None:
-            on_lost()
-
-        conn.add_termination_listener(terminated)
-        with _translated():
-            await conn.add_listener(CHANNEL, notified)
-
-        async def close() -> None:
-            conn.remove_termination_listener(terminated)
-            if not conn.is_closed():
-                await conn.close()
-
-        return close
 
     # --- usage per minute --------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class Metrics:
                                  ["lane"], registry=r)
         self.jobs_unfinished = Gauge("ferry_jobs_unfinished", "Async jobs by unfinished status",
                                      ["status"], registry=r)
+        self.long_polls = Gauge("ferry_long_polls_waiting",
+                                "Polls waiting for their job to end (x-ferry-wait)", registry=r)
         # worker
         self.jobs_finished = Counter("ferry_jobs_finished", "Requests finished by workers",
                                      ["mode", "status"], registry=r)

@@ -105,14 +105,20 @@ class SchemaOutOfDate(RuntimeError):
     """The database lacks migrations this code needs."""
 
 
-def required_version(directory: Path = MIGRATIONS_DIR) -> int:
-    return max(version for version, _ in migration_files(directory))
+def required_versions(directory: Path = MIGRATIONS_DIR) -> set[int]:
+    return {version for version, _ in migration_files(directory)}
+
+
+async def missing_migrations(store: Store) -> list[int]:
+    """The migrations this code needs that the database lacks (they may be merged in any
+    order, so every number counts, not only the highest)."""
+    return sorted(required_versions() - await store.applied_migrations())
 
 
 async def require_schema(store: Store) -> None:
     """Refuse to run on a database that `ferry migrate` has not brought up to date."""
-    have, need = await store.schema_version(), required_version()
-    if have < need:
+    missing = await missing_migrations(store)
+    if missing:
         raise SchemaOutOfDate(
-            f"the database schema is at version {have}, this Ferry needs {need}: "
-            "run `ferry migrate`")
+            f"the database lacks migrations {', '.join(map(str, missing))} that this Ferry "
+            "needs: run `ferry migrate`")

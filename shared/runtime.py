@@ -4,6 +4,7 @@ the per-message cost of the broker and HTTP paths; the standard loop otherwise."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -35,8 +36,20 @@ class Lifecycle:
         self.signalled = False
 
 
+def raise_open_files_limit() -> None:
+    """Every connection is a file: an api holding 10,000 long polls needs more than the usual
+    soft limit of 1,024. Raise it to the hard limit the operator allows."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(main: Callable[[Lifecycle], Coroutine[Any, Any, None]]) -> None:
     """Run a service's main coroutine on Ferry's event loop with its signals handled."""
+    raise_open_files_limit()
 
     async def runner() -> None:
         life = Lifecycle()

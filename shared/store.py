@@ -26,6 +26,7 @@ log = get_logger("ferry.store")
 
 ACQUIRE_TIMEOUT_S = 10.0
 IDEMPOTENCY_WINDOW_S = 24 * 3600
+JOB_DONE_CHANNEL = "ferry_job_done"  # NOTIFY payload: the id of a watched job that ended
 
 # Failures of the connection or the server, not of the statement: worth trying again.
 _TRANSIENT = (
@@ -33,6 +34,9 @@ _TRANSIENT = (
     asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.OperatorInterventionError,  # admin / crash shutdown of the server
     asyncpg.exceptions.TransactionRollbackError,  # serialization failure, deadlock
+    # A new pool connection refused: the database was dropped or the role changed under a
+    # running process. An operator's fix, but the callers' answer is the same: unavailable.
+    asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError,
 )
 # A value the database refuses (a NUL in text, an index row too large...): the member's fault.
 _BAD_DATA = (asyncpg.DataError, asyncpg.exceptions.ProgramLimitExceededError,
@@ -225,14 +229,14 @@ class Store:
         async with self._conn() as conn:
             await conn.fetchval("SELECT 1")
 
-    async def schema_version(self) -> int:
-        """The highest migration applied (0 on an empty database)."""
+    async def applied_migrations(self) -> set[int]:
+        """The migration versions applied (none on an empty database)."""
         async with self._conn() as conn:
             exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
             if not exists:
-                return 0
-            return int(await conn.fetchval(
-                "SELECT coalesce(max(version), 0) FROM schema_migrations"))
+                return set()
+            return {r["version"] for r in await conn.fetch(
+                "SELECT version FROM schema_migrations")}
 
     # --- api: submits ----------------------------------------------------------------------
 
@@ -332,6 +336,14 @@ class Store:
             return None  # result already swept
         return JobView(job_id, status, row["model"], row["http_status"], row["body"])
 
+    async def watch(self, job_id: uuid.UUID, caller_hash: bytes) -> None:
+        """Somebody waits for this job: its end will be announced on JOB_DONE_CHANNEL. Read
+        the job again afterwards: an end committed before this is not announced."""
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE jobs SET watched = true WHERE id = $1 AND caller_hash = $2"
+                " AND NOT watched AND status IN ('pending', 'processing')", job_id, caller_hash)
+
     async def unfinished_counts(self) -> dict[str, int]:
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -383,7 +395,8 @@ class Store:
                 " served_provider = $11, served_model = $12, lease_until = NULL,"
                 " completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)"
                 " WHERE id = $1 AND status IN ('pending', 'processing')"
-                " RETURNING expires_at",
+                " RETURNING expires_at,"
+                f" CASE WHEN watched THEN pg_notify('{JOB_DONE_CHANNEL}', id::text) END",
                 job_id, outcome.status, outcome.attempts, outcome.http_status,
                 outcome.error_type, outcome.stop_reason, outcome.input_tokens,
                 outcome.output_tokens, outcome.cache_creation_input_tokens,

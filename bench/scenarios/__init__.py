@@ -8,6 +8,7 @@ from bench.context import Bench
 from bench.scenarios.faults import run_faults
 from bench.scenarios.interactive import run_stream, run_sync
 from bench.scenarios.jobs import run_jobs
+from bench.scenarios.longpoll import run_longpoll
 from bench.scenarios.submit import run_submit
 from bench.scenarios.sweeper import run_sweeper
 
@@ -16,6 +17,7 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "stream": run_stream,
     "submit": run_submit,
     "jobs": run_jobs,
+    "longpoll": run_longpoll,
     "sweeper": run_sweeper,
     "faults": run_faults,
 }

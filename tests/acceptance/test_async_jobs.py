@@ -4,6 +4,7 @@ driven with the official anthropic SDK."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -181,3 +182,60 @@ async def test_the_sweeper_deletes_expired_results_and_keeps_the_history(
 
 async def _gone(ferry: Stack, job_id: str) -> bool:
     return await result_rows(ferry.database_url, job_id) == 0
+
+
+async def _wait_poll(client: anthropic.AsyncAnthropic, job_id: str,
+                     wait: str) -> tuple[str, anthropic.types.Message, float, float]:
+    """A long poll: (status, message, seconds it took, wall-clock time it was answered)."""
+    started = time.monotonic()
+    raw = await client.messages.with_raw_response.create(
+        model=MODEL, max_tokens=1, messages=user("poll"),
+        extra_headers={"x-bf-async-id": job_id, "x-ferry-wait": wait})
+    answered = time.time()
+    return (raw.headers["x-bf-async-status"], await raw.parse(), time.monotonic() - started,
+            answered)
+
+
+async def test_a_long_poll_answers_within_a_second_of_the_jobs_end(
+    ferry: Stack, client: anthropic.AsyncAnthropic
+) -> None:
+    text = unique("[[fake:delay=1.5]] wait for me")
+    job = await submit(client, text)
+    status, message, took, answered = await _wait_poll(client, job.id, "30")
+    assert status == "completed" and message.content and took < 30
+    row = await job_row(ferry.database_url, job.id)
+    assert row is not None and row["watched"]
+    lag = answered - row["completed_at"].timestamp()
+    assert 0 <= lag < 1.0, f"answered {lag:.3f} s after the job ended"
+
+
+async def test_a_long_poll_honours_its_wait_and_answers_pending(
+    client: anthropic.AsyncAnthropic
+) -> None:
+    job = await submit(client, unique("[[fake:delay=20]] slow"))
+    status, message, took, _ = await _wait_poll(client, job.id, "1.5")
+    assert status in ("pending", "processing") and message.content == []
+    assert message.id == job.id
+    assert 1.5 <= took < 10
+
+
+async def test_a_long_poll_of_a_finished_job_answers_at_once(
+    client: anthropic.AsyncAnthropic
+) -> None:
+    text = unique("already done")
+    job = await submit(client, text)
+    await result(client, job.id)
+    status, message, took, _ = await _wait_poll(client, job.id, "60")
+    assert status == "completed" and message.content[0].text == f"echo: {text}"  # type: ignore[union-attr]
+    assert took < 10
+
+
+@pytest.mark.parametrize("wait", ["61", "-1", "soon", "nan", "inf", "1e9", ""])
+async def test_a_bad_wait_is_a_bad_request(client: anthropic.AsyncAnthropic,
+                                           wait: str) -> None:
+    job = await submit(client, unique("bad wait"))
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await _wait_poll(client, job.id, wait)
+    error = raised.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("x-ferry-wait must be a number of seconds from 0 to 60")

@@ -84,6 +84,7 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("abandoned", "integer", "NO"),
         ("request_id", "text", "YES"),
         ("key_id", "uuid", "YES"),
+        ("watched", "boolean", "NO"),
     ]
 
 
