@@ -55,13 +55,6 @@ def delivery_header_id(delivery_id: uuid.UUID) -> str:
     return DELIVERY_ID_PREFIX + delivery_id.hex
 
 
-def parse_delivery_id(text: str) -> uuid.UUID:
-    """Raises ValueError for anything but a `msg_` id."""
-    if not text.startswith(DELIVERY_ID_PREFIX):
-        raise ValueError(f"not a delivery id: {text[:60]!r}")
-    return uuid.UUID(hex=text[len(DELIVERY_ID_PREFIX):])
-
-
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     """`v1,<base64 HMAC-SHA256 of "id.timestamp.body">`, keyed with the secret's bytes."""
     key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))

@@ -142,7 +142,7 @@ FROM cur LEFT JOIN ep ON true
 _RECORD = """
 WITH attempt AS (
     UPDATE webhook_attempts SET duration_ms = $3, status_code = $4, error = $5
-    WHERE delivery_id = $1 AND attempt = $2
+    WHERE delivery_id = $1 AND attempt = $2 AND duration_ms IS NULL
 )
 UPDATE webhook_deliveries SET state = $6, lease_until = NULL, last_status = $4,
        last_error = $5,
