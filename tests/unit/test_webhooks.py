@@ -6,9 +6,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -184,3 +188,24 @@ def test_worker_lanes(lanes: str, ok: bool) -> None:
 
 def test_every_lane_is_served_by_default() -> None:
     assert Settings.model_fields["lanes"].default == "async,interactive,webhooks"
+
+
+def readme_verify() -> Callable[[str, dict[str, str], bytes], bool]:
+    """The verifier README.md shows receivers, run as printed."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(# webhook-verify\n.*?)```", readme, re.S)
+    assert code, "README.md lost its webhook-verify example"
+    namespace: dict[str, Any] = {}
+    exec(code.group(1), namespace)
+    return namespace["verify"]  # type: ignore[no-any-return]
+
+
+def test_the_readme_verifier_accepts_ferrys_signatures_and_nothing_else() -> None:
+    verify = readme_verify()
+    secret, previous = webhooks.new_secret(), webhooks.new_secret()
+    headers = signed([secret, previous])
+    assert verify(secret, headers, BODY) and verify(previous, headers, BODY)
+    assert not verify(webhooks.new_secret(), headers, BODY)
+    assert not verify(secret, headers, BODY + b" ")
+    stale = webhooks.request_headers([secret], uuid.uuid4(), int(time.time()) - 600, BODY)
+    assert not verify(secret, stale, BODY)
