@@ -38,10 +38,12 @@ from api.state import (
     STORE,
     SUBMITS,
     WAITERS,
+    WEBHOOKS,
 )
 from api.submit import SubmitBatcher
 from api.validation import BodyChecker
 from api.waiters import JobWaiters
+from api.webhooks import WebhookDirectory
 from shared import runtime
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
@@ -54,6 +56,7 @@ from shared.providers import load_providers
 from shared.runtime import Lifecycle
 from shared.settings import Settings
 from shared.store import Store
+from shared.webhookstore import WebhookStore
 
 log = get_logger("ferry.api")
 
@@ -70,7 +73,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LIMITER] = Limiter(keystore, settings.request_timeout_s + 60)
     app[WAITERS] = JobWaiters(store, settings.database_url, settings.db_connect_timeout_s,
                               app[METRICS].long_polls)
-    async with app[GATE].running(), app[WAITERS].running():
+    app[WEBHOOKS] = WebhookDirectory(WebhookStore(store), settings.database_url)
+    async with app[GATE].running(), app[WAITERS].running(), app[WEBHOOKS].running():
         yield
     await store.close()
 

@@ -4,6 +4,7 @@ authenticate, check what routing needs, publish, answer. No provider is called h
 from __future__ import annotations
 
 import time
+import uuid
 
 from aiohttp import web
 
@@ -33,7 +34,9 @@ from api.state import (
     STORE,
     SUBMITS,
     WAITERS,
+    WEBHOOKS,
 )
+from api.webhooks import WEBHOOK, webhook_name
 from shared.errors import AuthenticationFailed, InvalidRequest, NotFound
 from shared.jobs import JobEnvelope, Operation, format_job_id, parse_job_id
 from shared.store import NewJob, body_hash
@@ -70,6 +73,9 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     request[MODE] = "invalid"  # until the request has been read and checked
     principal = await authenticate(request)
     is_async = parse_async_flag(headers.get(ASYNC))
+    webhook = webhook_name(headers.get(WEBHOOK))
+    if webhook is not None and not is_async:
+        raise InvalidRequest(f"{WEBHOOK} is for async jobs: send it with {ASYNC}: true")
     if is_async:
         ttl = parse_ttl(headers.get(ASYNC_TTL), request.app[SETTINGS])
         key = idempotency_key(headers)
@@ -82,6 +88,8 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     check_models(request, principal, inbound)
     if is_async and inbound.facts.stream:
         raise InvalidRequest("streaming is not supported for async requests")
+    endpoint = (await request.app[WEBHOOKS].resolve(webhook, principal)
+                if webhook is not None else None)
     limiter = request.app[LIMITER]
     await limiter.admit(principal)
     if not is_async:
@@ -90,7 +98,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
             return await serve_interactive(
                 request, _interactive(request, principal, inbound, "messages"))
     request[MODE] = "submit"
-    return await submit_job(request, principal, inbound, ttl, key)
+    return await submit_job(request, principal, inbound, ttl, key, endpoint)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
@@ -114,13 +122,15 @@ def _interactive(request: web.Request, principal: Principal, inbound: Inbound,
 
 
 async def submit_job(request: web.Request, principal: Principal, inbound: Inbound, ttl: int,
-                     key: str | None) -> web.Response:
+                     key: str | None, webhook_endpoint_id: uuid.UUID | None = None
+                     ) -> web.Response:
     envelope = build_envelope(request, inbound, "async", key_id=principal.key_id)
     route = inbound.resolution.primary
     job = NewJob(envelope.job_id, principal.owner, "async", inbound.facts.model,
                  route.provider, ttl, envelope.encode(), route.model, envelope.request_id,
                  key_id=principal.key_id,
-                 max_pending=principal.key.limits.max_pending if principal.key else None)
+                 max_pending=principal.key.limits.max_pending if principal.key else None,
+                 webhook_endpoint_id=webhook_endpoint_id)
     status = "pending"
     job_id = job.id
     submits = request.app[SUBMITS]
@@ -128,7 +138,8 @@ async def submit_job(request: web.Request, principal: Principal, inbound: Inboun
         await submits.submit(job)
     else:
         fingerprint = body_hash(inbound.body, str(ttl).encode(),
-                                (request.headers.get(FALLBACKS) or "").encode())
+                                (request.headers.get(FALLBACKS) or "").encode(),
+                                webhook_endpoint_id.bytes if webhook_endpoint_id else b"")
         job_id, status = await submits.submit_idempotent(job, key, fingerprint)
     return json_response(pending_message(format_job_id(job_id), inbound.facts.model),
                          headers={ASYNC_STATUS: status})

@@ -10,6 +10,7 @@ from api.replies import ReplyRouter
 from api.submit import SubmitBatcher
 from api.validation import BodyChecker
 from api.waiters import JobWaiters
+from api.webhooks import WebhookDirectory
 from shared.broker import Broker
 from shared.keystore import KeyStore
 from shared.metrics import Metrics
@@ -31,6 +32,7 @@ GATE = web.AppKey("gate", Gate)
 LIMITER = web.AppKey("limiter", Limiter)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 WAITERS = web.AppKey("waiters", JobWaiters)
+WEBHOOKS = web.AppKey("webhooks", WebhookDirectory)
 
 # Per-request facts the handlers leave for the middleware (metrics, logs, the id headers).
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

@@ -13,6 +13,8 @@ survive the loss of a minority of nodes):
   to pay for on the fastest path); a quorum queue when AMQP_URL lists several nodes
   (FERRY_INTERACTIVE_QUEUE_TYPE=auto), so the lane survives the loss of the node that would
   otherwise hold it. Requests waiting on a lost connection are answered 503 at once either way.
+- `<ns>.webhooks` (quorum): webhook deliveries, a lane of their own; `<ns>.webhooks.retry.<N>s`
+  its delay tiers (as the jobs' ones), `<ns>.webhooks.dead` what the broker gave up on.
 - reply queues (classic, exclusive, one per api process) and each worker's queue on the cancel
   fanout: they only matter while their process is connected, and are declared again on
   whichever node it reconnects to; losing one loses nothing durable.
@@ -52,6 +54,10 @@ DELAY_TIERS_S = (10, 30, 60, 300, 900)
 # fails a poison job itself long before this; the broker's limit is only a backstop, set
 # explicitly so RabbitMQ 3.x and 4.x (whose default is 20) behave the same.
 BROKER_DELIVERY_LIMIT = 100
+# Webhook retries wait from 1 s to 30 min: a wait between two tiers is spent in the lower one,
+# then the rest of it in the next lower (the delivery row says when it is due).
+WEBHOOK_DELAY_TIERS_S = (1, 5, 30, 120, 600)
+WEBHOOK_CONTENT_TYPE = "application/x-ferry-webhook"
 REOPEN_EVERY_S = 0.25
 STALE_RETRY_S = 5.0
 JOB_CONTENT_TYPE = "application/x-ferry-job"
@@ -61,6 +67,12 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 def delay_tier(delay_s: float) -> int:
     return next((tier for tier in DELAY_TIERS_S if tier >= delay_s), DELAY_TIERS_S[-1])
+
+
+def webhook_tier(delay_s: float) -> int:
+    """The longest webhook tier that does not overshoot `delay_s` (the shortest, below it)."""
+    return max((t for t in WEBHOOK_DELAY_TIERS_S if t <= delay_s),
+               default=WEBHOOK_DELAY_TIERS_S[0])
 
 
 class TopologyMismatch(Exception):
@@ -116,7 +128,7 @@ def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
 class _Consumer:
     """A consumer to (re)start on every connection."""
 
-    kind: str  # jobs | interactive | cancels | replies | dead
+    kind: str  # jobs | interactive | cancels | replies | dead | webhooks | webhooks_dead
     handler: Handler
     prefetch: int = 0
     queue: AbstractQueue | None = None
@@ -199,6 +211,7 @@ class Broker:
     async def declare_topology(self, channel: AbstractChannel) -> None:
         await self.declare_interactive(channel)
         await self.declare_jobs(channel)
+        await self.declare_webhooks(channel)
 
     async def declare_interactive(self, channel: AbstractChannel) -> AbstractQueue:
         """Interactive requests: their own queue (so a job backlog never delays them); the
@@ -248,6 +261,32 @@ class Broker:
                            "x-overflow": "reject-publish"},
             )
         return jobs
+
+    def webhook_delay_queue(self, tier: int) -> str:
+        return f"{self._settings.webhooks_queue}.retry.{tier}s"  # as in topology_names
+
+    async def declare_webhooks(self, channel: AbstractChannel) -> AbstractQueue:
+        """Webhook deliveries: their own queue, delay tiers and dead-letter queue, so they
+        never wait behind jobs, nor jobs behind them."""
+        s = self._settings
+        await channel.declare_queue(s.webhooks_dead_queue, durable=True,
+                                    arguments={"x-queue-type": "quorum"})
+        queue = await channel.declare_queue(
+            s.webhooks_queue, durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": BROKER_DELIVERY_LIMIT,
+                       "x-dead-letter-exchange": "",
+                       "x-dead-letter-routing-key": s.webhooks_dead_queue,
+                       "x-dead-letter-strategy": "at-least-once",
+                       "x-overflow": "reject-publish"})
+        for tier in WEBHOOK_DELAY_TIERS_S:
+            await channel.declare_queue(
+                self.webhook_delay_queue(tier), durable=True,
+                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
+                           "x-dead-letter-exchange": "",
+                           "x-dead-letter-routing-key": s.webhooks_queue,
+                           "x-dead-letter-strategy": "at-least-once",
+                           "x-overflow": "reject-publish"})
+        return queue
 
     # --- publishing ------------------------------------------------------------------------
 
@@ -342,6 +381,21 @@ class Broker:
         """Park a job for a later attempt; returns once the broker confirmed it."""
         await self.publish_job(envelope, routing_key=self.delay_queue(delay_tier(delay_s)))
 
+    async def publish_webhook(self, delivery_id: uuid.UUID, delay_s: float = 0.0) -> None:
+        """Queue a webhook delivery (after `delay_s`: in the tier that does not overshoot
+        it); returns once the broker confirmed it."""
+        queue = (self.webhook_delay_queue(webhook_tier(delay_s)) if delay_s > 0
+                 else self._settings.webhooks_queue)
+        message = aio_pika.Message(b"", message_id=delivery_id.hex,
+                                   content_type=WEBHOOK_CONTENT_TYPE,
+                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        try:
+            await self._confirmed(lambda: self._channel(), message, queue, mandatory=True)
+        except aio_pika.exceptions.DeliveryError as exc:  # a nack, or a return
+            raise Unavailable(f"the broker refused a webhook delivery ({exc})") from exc
+        except CONNECT_ERRORS as exc:
+            raise Unavailable("the message broker is unavailable; retry later") from exc
+
     async def publish_interactive(self, envelope: JobEnvelope) -> None:
         """Queue a sync/stream request; the broker drops it if no worker takes it in time.
         On a classic queue, unconfirmed: a request the broker refuses (queue full) is simply
@@ -391,6 +445,10 @@ class Broker:
             queue = await self.declare_interactive(channel)
         elif consumer.kind == "dead":
             queue = await channel.declare_queue(s.dead_letter_queue, passive=True)
+        elif consumer.kind == "webhooks":
+            queue = await self.declare_webhooks(channel)
+        elif consumer.kind == "webhooks_dead":
+            queue = await channel.declare_queue(s.webhooks_dead_queue, passive=True)
         elif consumer.kind == "replies":
             queue = await channel.declare_queue(self.reply_queue, exclusive=True,
                                                 auto_delete=True)
@@ -430,7 +488,14 @@ class Broker:
     async def consume_dead_letters(self, handler: Handler, prefetch: int = 16) -> None:
         await self._add_consumer(_Consumer("dead", handler, prefetch))
 
-    async def stop_consuming(self, kinds: tuple[str, ...] = ("jobs", "interactive")) -> None:
+    async def consume_webhooks(self, handler: Handler, prefetch: int) -> None:
+        await self._add_consumer(_Consumer("webhooks", handler, prefetch))
+
+    async def consume_webhook_dead_letters(self, handler: Handler, prefetch: int = 16) -> None:
+        await self._add_consumer(_Consumer("webhooks_dead", handler, prefetch))
+
+    async def stop_consuming(self, kinds: tuple[str, ...] = ("jobs", "interactive",
+                                                            "webhooks")) -> None:
         """Stop taking new messages of these kinds (shutdown); unacked ones stay ours."""
         self._paused = True
         for consumer in self._consumers:
@@ -454,7 +519,8 @@ class Broker:
         try:
             depths = {}
             for lane, name in (("async", self._settings.jobs_queue),
-                               ("interactive", self._settings.interactive_queue)):
+                               ("interactive", self._settings.interactive_queue),
+                               ("webhooks", self._settings.webhooks_queue)):
                 queue = await channel.declare_queue(name, passive=True)
                 depths[lane] = queue.declaration_result.message_count or 0
             return depths
@@ -464,6 +530,9 @@ class Broker:
 
     async def jobs_queue_depth(self) -> int:
         return (await self.queue_depths())["async"]
+
+    async def webhooks_queue_depth(self) -> int:
+        return (await self.queue_depths())["webhooks"]
 
     async def delete_topology(self) -> None:
         """Remove every queue and exchange of this namespace (tests clean up with it)."""
@@ -481,7 +550,9 @@ class Broker:
 def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
     """(queues, exchanges) of a namespace."""
     queues = [settings.jobs_queue, settings.dead_letter_queue, settings.interactive_queue,
-              *(f"{settings.jobs_queue}.retry.{tier}s" for tier in DELAY_TIERS_S)]
+              *(f"{settings.jobs_queue}.retry.{tier}s" for tier in DELAY_TIERS_S),
+              settings.webhooks_queue, settings.webhooks_dead_queue,
+              *(f"{settings.webhooks_queue}.retry.{t}s" for t in WEBHOOK_DELAY_TIERS_S)]
     return queues, [settings.dead_letter_exchange, settings.cancel_exchange]
 
 

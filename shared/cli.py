@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from pydantic import ValidationError
 
-from shared import keyscli
+from shared import keyscli, webhookscli
 from shared.broker import TopologyMismatch
 from shared.errors import FerryError
 from shared.logging import configure_logging
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(a container starting beside it)")
     command("api", "run the HTTP front door", "database", "broker", "api", "auth", "results",
             "providers", "logs")
-    command("worker", "run a worker that executes jobs", "database", "broker", "worker",
-            "providers", "logs")
+    command("worker", "run a worker that executes jobs and delivers webhooks", "database",
+            "broker", "worker", "webhooks", "providers", "logs")
     command("sweeper", "delete expired results and reconcile lost jobs", "database", "broker",
             "sweeper", "logs")
     fake = sub.add_parser("fake-provider", help="run the fake Anthropic/OpenAI upstream",
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first /metrics port of the workers and sweeper "
                           "(default FERRY_METRICS_PORT, 9100)")
     keyscli.add_parser(sub)
+    webhookscli.add_parser(sub, env_help("database"))
     return parser
 
 
@@ -114,6 +115,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         run_sweeper(settings)
     elif args.command == "keys":
         return keyscli.run(args, settings)
+    elif args.command == "webhooks":
+        return webhookscli.run(args, settings)
     elif args.command == "dev":
         from shared.devrun import run_dev
 

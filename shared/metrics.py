@@ -62,6 +62,14 @@ class Metrics:
                                           ["provider"], buckets=_COARSE, registry=r)
         self.in_flight = Gauge("ferry_worker_in_flight", "Requests a worker is processing",
                                ["lane"], registry=r)
+        # webhooks (labels: fixed sets, never an endpoint's name or URL)
+        self.webhook_attempts = Counter(
+            "ferry_webhook_attempts", "Webhook attempts by what they led to: delivered, "
+            "retry (5xx, 408, 429, timeout, connection error), failed (given up)",
+            ["result"], registry=r)
+        self.webhook_attempt_seconds = Histogram(
+            "ferry_webhook_attempt_seconds", "Time one webhook attempt took",
+            buckets=_COARSE, registry=r)
         # sweeper and reconciler
         self.swept = Counter("ferry_sweeper_deleted", "Expired results deleted", registry=r)
         self.reconciled = Counter("ferry_reconciled", "Jobs the reconciler repaired, by what it "

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONSUMER_TIMEOUT_MARGIN_S = 60.0
+LANES = ("async", "interactive", "webhooks")
 
 
 def _env(name: str) -> AliasChoices:
@@ -84,13 +85,23 @@ class Settings(BaseSettings):
         1_000_000, ge=1, validation_alias=_env("FERRY_QUEUE_MAX_LENGTH")
     )
 
-    lanes: str = Field(
-        "async,interactive", pattern=r"^(async|interactive)(,(async|interactive))?$",
-        validation_alias=_env("FERRY_WORKER_LANES"),
-    )
+    lanes: str = Field("async,interactive,webhooks", validation_alias=_env("FERRY_WORKER_LANES"))
     interactive_concurrency: int = Field(
         64, ge=1, le=10_000, validation_alias=_env("FERRY_INTERACTIVE_CONCURRENCY")
     )
+
+    # Webhooks: deliveries in flight per worker (their own lane and prefetch, so a slow
+    # receiver never holds a job slot), the time one attempt may take, and the retries.
+    webhook_concurrency: int = Field(
+        16, ge=1, le=10_000, validation_alias=_env("FERRY_WEBHOOK_CONCURRENCY"))
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=300, validation_alias=_env("FERRY_WEBHOOK_TIMEOUT"))
+    webhook_retry_base_s: float = Field(
+        30.0, gt=0, validation_alias=_env("FERRY_WEBHOOK_RETRY_BASE"))
+    webhook_retry_max_s: float = Field(
+        1800.0, gt=0, validation_alias=_env("FERRY_WEBHOOK_RETRY_MAX"))
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=30, validation_alias=_env("FERRY_WEBHOOK_MAX_ATTEMPTS"))
 
     # Interactive (sync and stream) requests
     pickup_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PICKUP_TIMEOUT"))
@@ -153,6 +164,15 @@ class Settings(BaseSettings):
         split_urls(value)
         return value
 
+    @field_validator("lanes")
+    @classmethod
+    def _known_lanes(cls, value: str) -> str:
+        lanes = [lane.strip() for lane in value.split(",")]
+        unknown = [lane for lane in lanes if lane not in LANES]
+        if unknown or not lanes or len(set(lanes)) != len(lanes):
+            raise ValueError(f"a comma-separated list of {', '.join(LANES)}, each at most once")
+        return ",".join(lanes)
+
     @field_validator("anthropic_api_key", "openai_api_key", "admin_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -206,6 +226,14 @@ class Settings(BaseSettings):
     def dead_letter_queue(self) -> str:
         return f"{self.namespace}.jobs.dead"
 
+    @property
+    def webhooks_queue(self) -> str:
+        return f"{self.namespace}.webhooks"
+
+    @property
+    def webhooks_dead_queue(self) -> str:
+        return f"{self.namespace}.webhooks.dead"
+
 
 # The environment each command reads, for its --help.
 ENV_GROUPS: dict[str, tuple[str, ...]] = {
@@ -228,6 +256,9 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
                "FERRY_WORKER_LANES", "FERRY_SHUTDOWN_GRACE", "FERRY_DELIVERY_LIMIT",
                "FERRY_LEASE_SECONDS", "FERRY_JOB_DEADLINE", "FERRY_METRICS_PORT",
                "FERRY_METRICS_HOST"),
+    "webhooks": ("FERRY_WEBHOOK_CONCURRENCY", "FERRY_WEBHOOK_TIMEOUT",
+                 "FERRY_WEBHOOK_RETRY_BASE", "FERRY_WEBHOOK_RETRY_MAX",
+                 "FERRY_WEBHOOK_MAX_ATTEMPTS"),
     "sweeper": ("FERRY_SWEEP_INTERVAL", "FERRY_SWEEP_BATCH", "FERRY_HISTORY_RETENTION_DAYS",
                 "FERRY_RECONCILE_INTERVAL", "FERRY_OUTBOX_GRACE", "FERRY_REPUBLISH_AFTER",
                 "FERRY_LEASE_SECONDS", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),

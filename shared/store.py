@@ -18,6 +18,7 @@ from typing import Literal
 
 import asyncpg
 
+from shared import webhooks
 from shared.errors import Conflict, FerryError, InvalidRequest, RateLimited, Unavailable
 from shared.jobs import Mode, Status
 from shared.logging import get_logger
@@ -69,6 +70,7 @@ class NewJob:
     request_id: str | None = None
     key_id: uuid.UUID | None = None
     max_pending: int | None = None  # the key's limit of unfinished async jobs
+    webhook_endpoint_id: uuid.UUID | None = None  # announce the job's end there
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,13 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Finished:
+    """A job this call finished. `delivery_id`: its webhook delivery, to be published."""
+
+    delivery_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryRow:
     """A finished sync or stream request, recorded after the client got its answer."""
 
@@ -163,8 +172,9 @@ _HISTORY_COLUMNS = [
 
 _INSERT_JOBS = (
     "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds, upstream_model,"
-    " request_id, key_id) SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::text[],"
-    " $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::uuid[])"
+    " request_id, key_id, webhook_endpoint_id) SELECT * FROM unnest($1::uuid[], $2::bytea[],"
+    " $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::uuid[],"
+    " $10::uuid[])"
 )
 _INSERT_PAYLOADS = (
     "INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $2::bytea[])"
@@ -190,6 +200,40 @@ WITH cur AS (
     RETURNING j.abandoned
 )
 SELECT cur.*, (SELECT abandoned FROM taken) AS taken_abandoned FROM cur
+"""
+
+
+# The job's end (announced to a waiting poll, if one watches it), and (one subquery, only for
+# a job that named an endpoint) how the endpoint wants it announced: `off` (disabled or
+# removed since), `full` (with the response), `slim`.
+_FINISH = f"""
+UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4, error_type = $5,
+       stop_reason = $6, input_tokens = $7, output_tokens = $8,
+       cache_creation_input_tokens = $9, cache_read_input_tokens = $10,
+       served_provider = $11, served_model = $12, lease_until = NULL,
+       completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)
+WHERE id = $1 AND status IN ('pending', 'processing')
+RETURNING expires_at, completed_at, model, request_id, webhook_endpoint_id,
+          CASE WHEN watched THEN pg_notify('{JOB_DONE_CHANNEL}', id::text) END AS notified,
+          CASE WHEN webhook_endpoint_id IS NOT NULL THEN (
+              SELECT CASE WHEN NOT e.enabled OR e.removed_at IS NOT NULL THEN 'off'
+                          WHEN e.include_response THEN 'full' ELSE 'slim' END
+              FROM webhook_endpoints e WHERE e.id = webhook_endpoint_id) END AS announce
+"""
+_INSERT_RESULT = (
+    "INSERT INTO job_results (job_id, body, expires_at) VALUES ($1, $2, $3)"
+    " ON CONFLICT (job_id) DO NOTHING"
+)
+# The result and the webhook delivery in one statement: no round trip more than without one.
+_INSERT_RESULT_AND_DELIVERY = """
+WITH result AS (
+    INSERT INTO job_results (job_id, body, expires_at) VALUES ($1, $2, $3)
+    ON CONFLICT (job_id) DO NOTHING
+)
+INSERT INTO webhook_deliveries (id, job_id, endpoint_id, event_type, payload, state,
+                                last_error, finished_at, created_at)
+VALUES ($4, $1, $5, $6, $7, $8, $9, CASE WHEN $8 = 'failed' THEN now() END, now())
+ON CONFLICT (job_id) DO NOTHING
 """
 
 
@@ -274,6 +318,7 @@ class Store:
             [j.mode for j in jobs], [j.model for j in jobs], [j.provider for j in jobs],
             [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
             [j.request_id for j in jobs], [j.key_id for j in jobs],
+            [j.webhook_endpoint_id for j in jobs],
         )
         await conn.execute(_INSERT_PAYLOADS, [j.id for j in jobs], [j.message for j in jobs])
 
@@ -384,33 +429,31 @@ class Store:
         return set(ids) - {r["id"] for r in rows}
 
     async def finish(self, job_id: uuid.UUID, outcome: Outcome) -> bool:
-        """Store the result and the history in one transaction, and drop the job's payload.
-        Idempotent: a job that is already finished keeps its first result; returns whether
-        this call finished it."""
+        """`finish_job`, saying only whether this call finished the job."""
+        return await self.finish_job(job_id, outcome) is not None
+
+    async def finish_job(self, job_id: uuid.UUID, outcome: Outcome) -> Finished | None:
+        """Store the result and the history in one transaction, and drop the job's payload;
+        for a job that named a webhook endpoint, its delivery too (the webhook outbox: no
+        crash after this commit can lose it). Idempotent: a job that is already finished
+        keeps its first result, and this returns None."""
         async with self._conn() as conn, conn.transaction():
-            expires_at: datetime | None = await conn.fetchval(
-                "UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4,"
-                " error_type = $5, stop_reason = $6, input_tokens = $7, output_tokens = $8,"
-                " cache_creation_input_tokens = $9, cache_read_input_tokens = $10,"
-                " served_provider = $11, served_model = $12, lease_until = NULL,"
-                " completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)"
-                " WHERE id = $1 AND status IN ('pending', 'processing')"
-                " RETURNING expires_at,"
-                f" CASE WHEN watched THEN pg_notify('{JOB_DONE_CHANNEL}', id::text) END",
-                job_id, outcome.status, outcome.attempts, outcome.http_status,
+            row = await conn.fetchrow(
+                _FINISH, job_id, outcome.status, outcome.attempts, outcome.http_status,
                 outcome.error_type, outcome.stop_reason, outcome.input_tokens,
                 outcome.output_tokens, outcome.cache_creation_input_tokens,
                 outcome.cache_read_input_tokens, outcome.served_provider, outcome.served_model,
             )
-            if expires_at is None:
-                return False
-            await conn.execute(
-                "INSERT INTO job_results (job_id, body, expires_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (job_id) DO NOTHING",
-                job_id, outcome.body.decode(), expires_at,
-            )
+            if row is None:
+                return None
+            delivery_id = None
+            if row["webhook_endpoint_id"] is None:
+                await conn.execute(_INSERT_RESULT, job_id, outcome.body.decode(),
+                                   row["expires_at"])
+            else:
+                delivery_id = await _insert_with_delivery(conn, job_id, outcome, row)
             await conn.execute("DELETE FROM job_payloads WHERE job_id = $1", job_id)
-            return True
+            return Finished(delivery_id)
 
     async def park(self, job_id: uuid.UUID, worker_id: str, attempts: int,
                    delay_s: float) -> None:
@@ -505,10 +548,6 @@ class Store:
                 " ORDER BY j.submitted_at LIMIT $2", float(older_than_s), limit)
         return [(r["id"], bytes(r["message"])) for r in rows]
 
-    async def fail_unfinished(self, job_id: uuid.UUID, outcome: Outcome) -> bool:
-        """`finish` for the reconciler: fails a job that is still unfinished."""
-        return await self.finish(job_id, outcome)
-
     async def job_status(self, job_id: uuid.UUID) -> tuple[Status, int] | None:
         """(status, deliveries), for the dead-letter drain's message."""
         async with self._conn() as conn:
@@ -562,6 +601,25 @@ class Store:
                     with _translated():
                         await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
+
+async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,
+                                outcome: Outcome, row: asyncpg.Record) -> uuid.UUID | None:
+    """The result and the job's webhook delivery. An endpoint disabled or removed since the
+    submit gets a delivery that is failed at once (reported, never sent). Returns the id of
+    a delivery to publish."""
+    delivery_id = uuid.uuid4()
+    off = row["announce"] != "full" and row["announce"] != "slim"
+    body = webhooks.payload(
+        job_id=job_id, status=outcome.status, http_status=outcome.http_status,
+        ended_at=row["completed_at"], expires_at=row["expires_at"], model=row["model"],
+        request_id=row["request_id"],
+        response=outcome.body if row["announce"] == "full" else None)
+    await conn.execute(
+        _INSERT_RESULT_AND_DELIVERY, job_id, outcome.body.decode(), row["expires_at"],
+        delivery_id, row["webhook_endpoint_id"], webhooks.event_of(outcome.status),
+        None if off else body, "failed" if off else "pending",
+        "the endpoint was disabled or removed before the job ended" if off else None)
+    return None if off else delivery_id
 
 async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[int, FerryError]:
     """The members a key's limit of unfinished async jobs refuses. The keys' rows are locked

@@ -9,14 +9,20 @@ Each round (one replica at a time, under an advisory lock; any number may run):
    broker (the api stopped in between), is published again from its stored message.
 A duplicate message is harmless: the claim in the job row lets only one worker run a job.
 
-Next to that, the dead-letter queue is drained in every replica: the broker gave up on those
-messages, so their jobs are failed with an error that says so (never left silent).
+Webhook deliveries are repaired the same way: published when their job's worker stopped
+before publishing them, republished when their delayed message is long overdue, or when their
+message was lost (nobody sending, the webhooks queue empty).
+
+Next to that, the dead-letter queues are drained in every replica: the broker gave up on those
+messages, so their jobs (or deliveries) are failed with an error that says so (never left
+silent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -27,7 +33,10 @@ from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.settings import Settings
 from shared.store import Outcome, Store, StoreUnavailable
+from shared.webhooks import delivery_header_id
+from shared.webhookstore import WebhookStore
 from shared.wire import ErrorEnvelope
+from worker.webhooks import announce
 
 log = get_logger("ferry.reconciler")
 
@@ -42,9 +51,11 @@ class Reconciler:
         self._store = store
         self._broker = broker
         self._metrics = metrics or Metrics()
+        self._webhooks = WebhookStore(store)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._broker.consume_dead_letters(self.on_dead_letter)
+        await self._broker.consume_webhook_dead_letters(self.on_webhook_dead_letter)
         log.info("reconciler running", interval_s=self._settings.reconcile_interval_s)
         while not stop.is_set():
             try:
@@ -73,19 +84,46 @@ class Reconciler:
             released = expired + overdue + stale
             republished = await self._publish(await self._store.messages(released))
             republished += await self._republish_unpublished(s.outbox_grace_s)
+            webhooks = await self._reconcile_webhooks()
         done = {"expired_leases": len(expired), "overdue_parked": len(overdue),
-                "stale_pending": len(stale), "republished": republished}
+                "stale_pending": len(stale), "republished": republished,
+                "webhooks_republished": webhooks}
         if any(done.values()):
             log.info("reconciled", **done)
             for what, count in done.items():
                 self._metrics.reconciled.labels(what).inc(count)
         return done
 
-    async def _jobs_queue_empty(self) -> bool:
+    async def _reconcile_webhooks(self) -> int:
+        """Deliveries never published, overdue from a delay tier, or lost: published again.
+        Returns how many were published."""
+        s = self._settings
+        store = self._webhooks
+        ids = await store.release_overdue(max(60.0, s.reconcile_interval_s * 2), BATCH)
+        if await self._queue_empty(self._broker.webhooks_queue_depth):
+            ids += await store.release_stale(s.republish_after_s, BATCH)
+        ids += await store.unpublished(s.outbox_grace_s, BATCH)
+        published: list[uuid.UUID] = []
+        for delivery_id in dict.fromkeys(ids):
+            try:
+                await self._broker.publish_webhook(delivery_id)
+            except FerryError as exc:
+                log.warning("could not republish a webhook delivery", error=exc.message,
+                            delivery_id=delivery_header_id(delivery_id))
+                break
+            published.append(delivery_id)
+        if published:
+            await store.mark_published(published)
+        return len(published)
+
+    async def _queue_empty(self, depth: Callable[[], Awaitable[int]]) -> bool:
         try:
-            return await self._broker.jobs_queue_depth() == 0
+            return await depth() == 0
         except Unavailable:
             return False
+
+    async def _jobs_queue_empty(self) -> bool:
+        return await self._queue_empty(self._broker.jobs_queue_depth)
 
     async def _republish_unpublished(self, grace_s: float) -> int:
         """Jobs committed but never confirmed by the broker (the api stopped in between)."""
@@ -126,13 +164,36 @@ class Reconciler:
         outcome = Outcome(status="failed", body=error.to_json(), attempts=0, http_status=500,
                           error_type="api_error")
         try:
-            failed = await self._store.fail_unfinished(job_id, outcome)
+            finished = await self._store.finish_job(job_id, outcome)
+        except StoreUnavailable:
+            await asyncio.sleep(1)
+            await settle(message.nack(requeue=True))
+            return
+        if finished is not None:
+            log.error("dead-lettered job failed", job_id=format_job_id(job_id), reason=reason)
+            if finished.delivery_id is not None:
+                await announce(self._broker, self._webhooks, finished.delivery_id)
+        await settle(message.ack())
+
+    async def on_webhook_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        """The broker gave up on a webhook message: fail its delivery, saying why."""
+        try:
+            delivery_id = uuid.UUID(hex=message.message_id or "")
+        except ValueError:
+            log.error("undecodable webhook dead letter dropped", message_id=message.message_id)
+            await settle(message.ack())
+            return
+        reason = _death_reason(message)
+        try:
+            failed = await self._webhooks.fail(
+                delivery_id, f"the message broker gave up on the delivery ({reason})")
         except StoreUnavailable:
             await asyncio.sleep(1)
             await settle(message.nack(requeue=True))
             return
         if failed:
-            log.error("dead-lettered job failed", job_id=format_job_id(job_id), reason=reason)
+            log.error("dead-lettered webhook delivery failed", reason=reason,
+                      delivery_id=delivery_header_id(delivery_id))
         await settle(message.ack())
 
 

@@ -40,12 +40,14 @@ from shared.metrics import Metrics
 from shared.providers import Route
 from shared.settings import CONSUMER_TIMEOUT_MARGIN_S, Settings
 from shared.store import Claim, Outcome, Store, StoreUnavailable
+from shared.webhookstore import WebhookStore
 from worker.history import HistoryWriter
 from worker.interactive import InteractiveRunner
 from worker.providers.base import ProviderError, ProviderResponse
 from worker.retry import Attempts, RetryLater
 from worker.routing import ProviderSet, create_message
 from worker.usage import TokenMeter
+from worker.webhooks import WebhookSender, announce, client_session
 
 log = get_logger("ferry.worker")
 
@@ -87,6 +89,7 @@ class Worker:
         self._jobs: dict[uuid.UUID, _Job] = {}
         self._history = HistoryWriter(store)
         self._metrics = metrics or Metrics()
+        self._webhooks = WebhookStore(store)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -108,8 +111,17 @@ class Worker:
             await self._broker.consume_cancels(runner.on_cancel)
             await self._broker.consume_interactive(runner.on_message,
                                                    prefetch=s.interactive_concurrency)
+        webhook_session = None
+        if "webhooks" in s.worker_lanes:
+            webhook_session = client_session(s)
+            sender = WebhookSender(s, self._webhooks, self._broker, webhook_session,
+                                   self.worker_id, lambda coro: self._spawn(coro, "webhooks"),
+                                   self._metrics)
+            await self._broker.consume_webhooks(sender.on_message,
+                                                prefetch=s.webhook_concurrency)
         log.info("worker consuming", lanes=sorted(s.worker_lanes),
-                 concurrency=s.worker_concurrency, interactive=s.interactive_concurrency)
+                 concurrency=s.worker_concurrency, interactive=s.interactive_concurrency,
+                 webhooks=s.webhook_concurrency)
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stopped, *side_tasks},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -120,6 +132,8 @@ class Worker:
         log.info("worker stopping", in_flight=len(self._tasks))
         await self._broker.stop_consuming()
         await self._drain(s.shutdown_grace_s)
+        if webhook_session is not None:
+            await webhook_session.close()
         history_stop.set()
         for task in side_tasks:
             if task.get_name() not in ("history", "meter"):
@@ -210,8 +224,7 @@ class Worker:
             error = ProviderError(500, "api_error", "the job was taken over from a worker that "
                                   f"stopped under it {claim.abandoned} times; giving up",
                                   retryable=False)
-            await self._store_call(job, lambda: self._store.finish(
-                envelope.job_id, _failure(error, 0, envelope.request_id)))
+            await self._finish(job, envelope, _failure(error, 0, envelope.request_id))
             log.error("job failed after repeated take-overs", abandoned=claim.abandoned)
             return "ack"
         outcome = await self._call(job, envelope, claim)
@@ -219,12 +232,21 @@ class Worker:
             return "ack"  # parked for a delayed retry
         if self._meter is not None:
             self._meter.record(envelope.key_id, outcome.usage)
-        first = await self._store_call(job, lambda: self._store.finish(envelope.job_id, outcome))
+        first = await self._finish(job, envelope, outcome)
         self._metrics.jobs_finished.labels("async", outcome.status).inc()
         log.info("job finished", status=outcome.status, attempts=outcome.attempts,
                  http_status=outcome.http_status, provider=outcome.served_provider,
                  first=first)
         return "ack"
+
+    async def _finish(self, job: _Job, envelope: JobEnvelope, outcome: Outcome) -> bool:
+        """Write the outcome; announce the job's webhook, if it named one. Whether this call
+        finished the job."""
+        finished = await self._store_call(
+            job, lambda: self._store.finish_job(envelope.job_id, outcome))
+        if finished is not None and finished.delivery_id is not None:
+            await announce(self._broker, self._webhooks, finished.delivery_id)
+        return finished is not None
 
     async def _claim(self, job: _Job, envelope: JobEnvelope) -> Claim | None:
         """The claimed job, or None when this delivery needs nothing more than an ack."""
@@ -305,11 +327,13 @@ class Worker:
         """A bug met while running the job: fail it visibly rather than redeliver it forever."""
         error = ProviderError(500, "api_error", "internal error in the worker", retryable=False)
         try:
-            await asyncio.wait_for(self._store.finish(
+            finished = await asyncio.wait_for(self._store.finish_job(
                 envelope.job_id, _failure(error, job.attempts.count, envelope.request_id)), 10)
         except Exception:
             log.exception("could not fail the job; handing it back")
             return "nack"
+        if finished is not None and finished.delivery_id is not None:
+            await announce(self._broker, self._webhooks, finished.delivery_id)
         return "ack"
 
     # --- retrying store (and broker) calls -------------------------------------------------

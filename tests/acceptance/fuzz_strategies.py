@@ -202,7 +202,8 @@ FRAMING = {b"content-length", b"transfer-encoding", b"host", b"connection", b"up
 HEADER_NAMES = st.sampled_from([
     b"x-api-key", b"authorization", b"anthropic-version", b"anthropic-beta", b"anthropic-foo",
     b"x-bf-async", b"x-bf-async-id", b"x-bf-async-job-result-ttl", b"idempotency-key",
-    b"x-ferry-fallbacks", b"content-type", b"content-encoding", b"accept", b"accept-encoding",
+    b"x-ferry-fallbacks", b"x-bf-async-webhook", b"content-type", b"content-encoding",
+    b"accept", b"accept-encoding",
     b"user-agent", b"expect", b"cookie", b"x-forwarded-for", b"te", b"request-id",
     b"x-ferry-request-id", b"origin", b"range", b"X-Api-Key", b"X-BF-ASYNC",
 ]) | st.from_regex(rb"\A[!#$%&'*+.^_`|~0-9A-Za-z-]{1,40}\Z").filter(

@@ -505,7 +505,8 @@ async def test_non_ascii_header_bytes_are_never_a_server_error(
 
 # Ferry's own headers: each value read, none forwarded as is.
 OWN_HEADERS = [b"x-ferry-fallbacks", b"x-bf-async", b"x-bf-async-job-result-ttl",
-               b"idempotency-key", b"x-bf-async-id", b"content-type", b"content-encoding"]
+               b"idempotency-key", b"x-bf-async-id", b"content-type", b"content-encoding",
+               b"x-bf-async-webhook"]
 
 
 @pytest.mark.parametrize("name", OWN_HEADERS)

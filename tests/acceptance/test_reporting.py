@@ -93,7 +93,9 @@ async def run_report(database_url: str, name: str) -> list[asyncpg.Record]:
 def test_every_documented_report_is_tested() -> None:
     assert set(reports()) == {"jobs_per_model_per_day", "failures_by_provider",
                               "latency_percentiles", "busiest_callers", "fallbacks",
-                              "usage_per_key_per_day"}
+                              "usage_per_key_per_day",
+                              # run by test_webhooks.py, against real deliveries
+                              "webhooks_per_endpoint_per_day"}
 
 
 async def test_jobs_per_model_per_day(filled: Stack) -> None:

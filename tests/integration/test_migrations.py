@@ -84,6 +84,7 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("abandoned", "integer", "NO"),
         ("request_id", "text", "YES"),
         ("key_id", "uuid", "YES"),
+        ("webhook_endpoint_id", "uuid", "YES"),
         ("watched", "boolean", "NO"),
     ]
 
@@ -106,7 +107,8 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     )
     assert {r["table_name"] for r in tables} == {
         "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations",
-        "api_keys", "key_usage", "key_leases"}
+        "api_keys", "key_usage", "key_leases", "webhook_endpoints", "webhook_endpoint_keys",
+        "webhook_deliveries", "webhook_attempts"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -133,10 +135,23 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("key_leases", "key_leases_key_id_idx"),
         ("job_results", "job_results_expires_at_idx"),
         ("schema_migrations", "schema_migrations_pkey"),
+        ("webhook_endpoints", "webhook_endpoints_pkey"),
+        ("webhook_endpoints", "webhook_endpoints_name_idx"),
+        ("webhook_endpoint_keys", "webhook_endpoint_keys_pkey"),
+        ("webhook_deliveries", "webhook_deliveries_pkey"),
+        ("webhook_deliveries", "webhook_deliveries_job_id_key"),
+        ("webhook_deliveries", "webhook_deliveries_pending_idx"),
+        ("webhook_deliveries", "webhook_deliveries_endpoint_created_idx"),
+        ("webhook_attempts", "webhook_attempts_pkey"),
+        ("webhook_attempts", "webhook_attempts_started_at_idx"),
     }
     assert "(model, submitted_at)" in indexes[("jobs", "jobs_model_submitted_at_idx")]
     assert "(provider, submitted_at)" in indexes[("jobs", "jobs_provider_submitted_at_idx")]
     assert "(expires_at)" in indexes[("job_results", "job_results_expires_at_idx")]
+    pending = indexes[("webhook_deliveries", "webhook_deliveries_pending_idx")]
+    assert "WHERE (state = 'pending'::text)" in pending
+    assert "WHERE (removed_at IS NULL)" in indexes[("webhook_endpoints",
+                                                    "webhook_endpoints_name_idx")]
     unfinished = indexes[("jobs", "jobs_unfinished_idx")]
     assert "WHERE" in unfinished and "'pending'" in unfinished and "'processing'" in unfinished
 

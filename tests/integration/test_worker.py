@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractQueue
 from shared.broker import Broker
 from shared.jobs import JobEnvelope
 from shared.settings import Settings
-from shared.store import Claim, Store, StoreUnavailable
+from shared.store import Claim, Finished, Store, StoreUnavailable
 from tests.integration.conftest import (
     CALLER,
     UPSTREAM_KEY,
@@ -242,15 +242,15 @@ async def test_a_duplicate_message_for_a_running_job_does_not_run_it_twice(
 
 
 class FlakyStore(ObservedStore):
-    """The real store, but the database is away for the first `finish` calls."""
+    """The real store, but the database is away for the first `finish_job` calls."""
 
     outage = 3
 
-    async def finish(self, job_id: uuid.UUID, outcome: Any) -> bool:
+    async def finish_job(self, job_id: uuid.UUID, outcome: Any) -> Finished | None:
         if self.outage:
             self.outage -= 1
             raise StoreUnavailable()
-        return await super().finish(job_id, outcome)
+        return await super().finish_job(job_id, outcome)
 
 
 async def test_a_database_outage_holds_the_job_and_costs_no_attempt(
