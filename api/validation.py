@@ -18,15 +18,23 @@ import json
 import multiprocessing
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from shared.errors import InvalidRequest
+from shared.logging import get_logger
+
+log = get_logger("ferry.api")
 
 # The model name travels in job rows and indexes: bound it far above any real model id.
 MAX_MODEL_BYTES = 512
+
+# How long the helper process may take to start (it imports this module) before the api
+# gives up on it and checks large bodies itself.
+WARM_UP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,10 @@ def inspect_body(body: bytes, count_tokens: bool = False) -> RequestFacts | str:
         return exc.message
 
 
+def _stop(pool: ProcessPoolExecutor) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _warm_up() -> None:
     """Run in the helper process once, so the first large request does not pay its start."""
 
@@ -178,21 +190,38 @@ class BodyChecker:
     async def running(self) -> AsyncIterator[BodyChecker]:
         # forkserver: the helpers start from a clean interpreter, not a fork of a process
         # with an event loop and open sockets.
-        self._pool = ProcessPoolExecutor(self._processes,
-                                         mp_context=multiprocessing.get_context("forkserver"))
+        pool = ProcessPoolExecutor(self._processes,
+                                   mp_context=multiprocessing.get_context("forkserver"))
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, _warm_up)
+            # Bounded: a helper that cannot start (a wedged forkserver, an exhausted process
+            # table) must not keep the api from serving; large bodies are then parsed here.
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(pool, _warm_up), WARM_UP_TIMEOUT_S)
+            self._pool = pool
+        except (asyncio.TimeoutError, OSError, BrokenProcessPool) as exc:
+            log.warning("body-check helper process did not start; checking in the api process",
+                        error=type(exc).__name__)
+            _stop(pool)
+        try:
             yield self
         finally:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                _stop(self._pool)
+                self._pool = None
 
     async def check(self, body: bytes, *, count_tokens: bool = False) -> RequestFacts:
         if self._pool is None or len(body) <= self._offload_bytes:
             result = inspect_body(body, count_tokens)
         else:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, inspect_body, body, count_tokens)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, inspect_body, body, count_tokens)
+            except BrokenProcessPool:  # the helper died (killed, out of memory): check here
+                broken, self._pool = self._pool, None
+                if broken is not None:
+                    log.warning("body-check helper process died; checking in the api process")
+                    _stop(broken)
+                result = inspect_body(body, count_tokens)
         if isinstance(result, str):
             raise InvalidRequest(result)
         return result
