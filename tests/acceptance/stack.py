@@ -245,6 +245,7 @@ async def running_stack(run: TestRun, log_dir: Path, suffix: str, *, workers: in
                         amqp_url: str | None = None,
                         database_server_url: str | None = None,
                         sweeper: bool = False,
+                        throwaway_broker: bool = False,
                         ) -> AsyncIterator[Stack]:
     """The fake provider, `ferry migrate` on a new database, the api and `workers` workers;
     `env` adds settings (FERRY_...) for every process; `before_start(stack)` runs once the
@@ -252,7 +253,9 @@ async def running_stack(run: TestRun, log_dir: Path, suffix: str, *, workers: in
 
     `amqp_url` and `database_server_url` put the stack on a broker and a PostgreSQL server of
     its own (a private one a fault test may stop) instead of the run's; its queues and its
-    database are removed there. `sweeper` also starts `ferry sweeper`."""
+    database are removed there (its queues are not when `throwaway_broker`: a broker the test
+destroys anyway, where deleting quorum queues with a member down would only wait). `sweeper`
+also starts `ferry sweeper`."""
     server_url = database_server_url or run.server_url
     database_url = _with_database(server_url, run.new_database_name())  # made by `ferry migrate`
     stack = Stack(run, log_dir, run.new_namespace(suffix), database_url,
@@ -281,7 +284,8 @@ async def running_stack(run: TestRun, log_dir: Path, suffix: str, *, workers: in
         # database and queues wherever they are.
         where = TestRun(run.id, server_url, stack.broker_url)
         await where.drop_database(database_url)
-        await where.delete_namespaces([stack.namespace])
+        if not throwaway_broker:
+            await where.delete_namespaces([stack.namespace])
         run.namespaces.discard(stack.namespace)
 
 
