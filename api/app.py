@@ -13,6 +13,8 @@ from aiohttp import web
 from api.admin import add_routes as add_admin_routes
 from api.admission import Admission
 from api.auth import Gate
+from api.batches import add_routes as add_batch_routes
+from api.batchlane import Batches
 from api.interactive import serve_interactive
 from api.limits import Limiter
 from api.messages import authenticate, count_tokens, create_message
@@ -23,6 +25,7 @@ from api.responses import json_response
 from api.server import FerryRunner, expect_handler, no_banner
 from api.state import (
     ADMISSION,
+    BATCHES,
     BROKER,
     CATALOG,
     CHECKER,
@@ -45,6 +48,7 @@ from api.validation import BodyChecker
 from api.waiters import JobWaiters
 from api.webhooks import WebhookDirectory
 from shared import runtime
+from shared.batchstore import BatchStore
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
 from shared.jobs import JobEnvelope, new_job_id
@@ -86,10 +90,14 @@ async def _checker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BROKER] = broker = await Broker.connect(app[SETTINGS], role="api")
-    app[SUBMITS] = SubmitBatcher(app[STORE], broker)
+    store = app[STORE]
+    app[BATCHES] = batches = Batches(BatchStore(store, app[SETTINGS].database_url), store,
+                                     broker)
+    app[SUBMITS] = SubmitBatcher(store, broker)
     app[REPLIES] = replies = ReplyRouter()
     await replies.start(broker)
-    yield
+    async with batches.running():
+        yield
     replies.fail_all()
     await broker.close()
 
@@ -196,6 +204,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/anthropic/v1/messages", create_message, expect_handler=expect_handler)
     app.router.add_post("/anthropic/v1/messages/count_tokens", count_tokens,
                         expect_handler=expect_handler)
+    add_batch_routes(app)
     app.router.add_get("/anthropic/v1/models", list_models)
     app.router.add_get("/anthropic/v1/models/{model_id:.+}", get_model)
     app.router.add_get("/", root)  # GET also answers HEAD

@@ -4,6 +4,7 @@ from aiohttp import web
 
 from api.admission import Admission
 from api.auth import Gate, Principal
+from api.batchlane import Batches
 from api.limits import Limiter
 from api.models import ModelCatalog
 from api.replies import ReplyRouter
@@ -32,6 +33,7 @@ GATE = web.AppKey("gate", Gate)
 LIMITER = web.AppKey("limiter", Limiter)
 KEYSTORE = web.AppKey("keystore", KeyStore)
 WAITERS = web.AppKey("waiters", JobWaiters)
+BATCHES = web.AppKey("batches", Batches)
 WEBHOOKS = web.AppKey("webhooks", WebhookDirectory)
 
 # Per-request facts the handlers leave for the middleware (metrics, logs, the id headers).

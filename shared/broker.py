@@ -13,6 +13,10 @@ survive the loss of a minority of nodes):
   to pay for on the fastest path); a quorum queue when AMQP_URL lists several nodes
   (FERRY_INTERACTIVE_QUEUE_TYPE=auto), so the lane survives the loss of the node that would
   otherwise hold it. Requests waiting on a lost connection are answered 503 at once either way.
+- `<ns>.batch` (quorum): the requests of Message Batches, a lane of its own with its own
+  prefetch in every worker, so a 100,000-request batch never takes the slots of single jobs;
+  a message carries only the job id (the request stays in PostgreSQL). `<ns>.batch.retry.<N>s`
+  are its delay tiers, as the jobs' ones; what the broker gives up on goes to `<ns>.jobs.dead`.
 - `<ns>.webhooks` (quorum): webhook deliveries, a lane of their own; `<ns>.webhooks.retry.<N>s`
   its delay tiers (as the jobs' ones), `<ns>.webhooks.dead` what the broker gave up on.
 - reply queues (classic, exclusive, one per api process) and each worker's queue on the cancel
@@ -39,7 +43,7 @@ from aio_pika.abc import (
 )
 
 from shared.amqp import CONNECT_ERRORS, Link, Lost, split_urls
-from shared.errors import Overloaded, Unavailable
+from shared.errors import FerryError, Overloaded, Unavailable
 from shared.jobs import JobEnvelope, Reply
 from shared.logging import get_logger
 from shared.settings import Settings
@@ -61,6 +65,7 @@ WEBHOOK_CONTENT_TYPE = "application/x-ferry-webhook"
 REOPEN_EVERY_S = 0.25
 STALE_RETRY_S = 5.0
 JOB_CONTENT_TYPE = "application/x-ferry-job"
+BATCH_JOB_CONTENT_TYPE = "application/x-ferry-batch-job"
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -101,6 +106,20 @@ def job_message(envelope: JobEnvelope) -> aio_pika.Message:
     )
 
 
+def batch_job_message(job_id: uuid.UUID) -> aio_pika.Message:
+    """A batch request's message: just its id (the worker reads the request from the store)."""
+    return aio_pika.Message(b"", message_id=job_id.hex, content_type=BATCH_JOB_CONTENT_TYPE,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+
+
+def message_job_id(message: AbstractIncomingMessage) -> uuid.UUID:
+    """The job a message is about; raises ValueError if it names none."""
+    try:
+        return uuid.UUID(hex=message.message_id or "")
+    except ValueError:
+        raise ValueError(f"message_id {message.message_id!r} is not a job id") from None
+
+
 def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
     """Decode a job message; raises ValueError if it is not one."""
     if not message.message_id:
@@ -128,7 +147,7 @@ def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
 class _Consumer:
     """A consumer to (re)start on every connection."""
 
-    kind: str  # jobs | interactive | cancels | replies | dead | webhooks | webhooks_dead
+    kind: str  # jobs | interactive | batch | cancels | replies | dead | webhooks | webhooks_dead
     handler: Handler
     prefetch: int = 0
     queue: AbstractQueue | None = None
@@ -211,6 +230,7 @@ class Broker:
     async def declare_topology(self, channel: AbstractChannel) -> None:
         await self.declare_interactive(channel)
         await self.declare_jobs(channel)
+        await self.declare_batch(channel)
         await self.declare_webhooks(channel)
 
     async def declare_interactive(self, channel: AbstractChannel) -> AbstractQueue:
@@ -261,6 +281,30 @@ class Broker:
                            "x-overflow": "reject-publish"},
             )
         return jobs
+
+    def batch_delay_queue(self, tier: int) -> str:
+        return f"{self._settings.batch_queue}.retry.{tier}s"  # as in topology_names
+
+    async def declare_batch(self, channel: AbstractChannel) -> AbstractQueue:
+        """The batch lane: as the jobs queue (the dead-letter exchange declared with it), with
+        delay tiers of its own that lead back to it."""
+        s = self._settings
+        await self.declare_jobs(channel)
+        queue = await channel.declare_queue(
+            s.batch_queue, durable=True,
+            arguments={"x-queue-type": "quorum", "x-delivery-limit": BROKER_DELIVERY_LIMIT,
+                       "x-dead-letter-exchange": s.dead_letter_exchange,
+                       "x-dead-letter-strategy": "at-least-once",
+                       "x-overflow": "reject-publish", "x-max-length": s.queue_max_length})
+        for tier in DELAY_TIERS_S:
+            await channel.declare_queue(
+                self.batch_delay_queue(tier), durable=True,
+                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
+                           "x-dead-letter-exchange": "",
+                           "x-dead-letter-routing-key": s.batch_queue,
+                           "x-dead-letter-strategy": "at-least-once",
+                           "x-overflow": "reject-publish"})
+        return queue
 
     def webhook_delay_queue(self, tier: int) -> str:
         return f"{self._settings.webhooks_queue}.retry.{tier}s"  # as in topology_names
@@ -342,7 +386,8 @@ class Broker:
         connection = self._link.connection
         if connection is None:
             return False
-        limit = (self._settings.queue_max_length if queue == self._settings.jobs_queue
+        limit = (self._settings.queue_max_length
+                 if queue in (self._settings.jobs_queue, self._settings.batch_queue)
                  else self._settings.interactive_max_queued
                  if queue == self._settings.interactive_queue else None)
         if limit is not None:
@@ -378,8 +423,32 @@ class Broker:
                 await channel.close()
 
     async def publish_delayed(self, envelope: JobEnvelope, delay_s: float) -> None:
-        """Park a job for a later attempt; returns once the broker confirmed it."""
-        await self.publish_job(envelope, routing_key=self.delay_queue(delay_tier(delay_s)))
+        """Park a job for a later attempt (in its own lane's delay tier); returns once the
+        broker confirmed it."""
+        tier = delay_tier(delay_s)
+        if envelope.mode == "batch":
+            await self._publish_confirmed(batch_job_message(envelope.job_id),
+                                          self.batch_delay_queue(tier))
+        else:
+            await self.publish_job(envelope, routing_key=self.delay_queue(tier))
+
+    async def publish_batch_jobs(self, ids: list[uuid.UUID], window: int = 256
+                                 ) -> list[uuid.UUID]:
+        """Queue batch requests, up to `window` confirms outstanding at once; returns the ids
+        the broker confirmed (in order), stopping at the first refusal."""
+        confirmed: list[uuid.UUID] = []
+        for start in range(0, len(ids), window):
+            chunk = ids[start:start + window]
+            results = await asyncio.gather(
+                *(self._publish_confirmed(batch_job_message(job_id), self._settings.batch_queue)
+                  for job_id in chunk), return_exceptions=True)
+            for job_id, result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, FerryError):
+                        raise result
+                    return confirmed
+                confirmed.append(job_id)
+        return confirmed
 
     async def publish_webhook(self, delivery_id: uuid.UUID, delay_s: float = 0.0) -> None:
         """Queue a webhook delivery (after `delay_s`: in the tier that does not overshoot
@@ -445,6 +514,8 @@ class Broker:
             queue = await self.declare_interactive(channel)
         elif consumer.kind == "dead":
             queue = await channel.declare_queue(s.dead_letter_queue, passive=True)
+        elif consumer.kind == "batch":
+            queue = await self.declare_batch(channel)
         elif consumer.kind == "webhooks":
             queue = await self.declare_webhooks(channel)
         elif consumer.kind == "webhooks_dead":
@@ -488,13 +559,16 @@ class Broker:
     async def consume_dead_letters(self, handler: Handler, prefetch: int = 16) -> None:
         await self._add_consumer(_Consumer("dead", handler, prefetch))
 
+    async def consume_batch(self, handler: Handler, prefetch: int) -> None:
+        await self._add_consumer(_Consumer("batch", handler, prefetch))
+
     async def consume_webhooks(self, handler: Handler, prefetch: int) -> None:
         await self._add_consumer(_Consumer("webhooks", handler, prefetch))
 
     async def consume_webhook_dead_letters(self, handler: Handler, prefetch: int = 16) -> None:
         await self._add_consumer(_Consumer("webhooks_dead", handler, prefetch))
 
-    async def stop_consuming(self, kinds: tuple[str, ...] = ("jobs", "interactive",
+    async def stop_consuming(self, kinds: tuple[str, ...] = ("jobs", "interactive", "batch",
                                                             "webhooks")) -> None:
         """Stop taking new messages of these kinds (shutdown); unacked ones stay ours."""
         self._paused = True
@@ -520,6 +594,7 @@ class Broker:
             depths = {}
             for lane, name in (("async", self._settings.jobs_queue),
                                ("interactive", self._settings.interactive_queue),
+                               ("batch", self._settings.batch_queue),
                                ("webhooks", self._settings.webhooks_queue)):
                 queue = await channel.declare_queue(name, passive=True)
                 depths[lane] = queue.declaration_result.message_count or 0
@@ -530,6 +605,9 @@ class Broker:
 
     async def jobs_queue_depth(self) -> int:
         return (await self.queue_depths())["async"]
+
+    async def batch_queue_depth(self) -> int:
+        return (await self.queue_depths())["batch"]
 
     async def webhooks_queue_depth(self) -> int:
         return (await self.queue_depths())["webhooks"]
@@ -551,6 +629,8 @@ def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
     """(queues, exchanges) of a namespace."""
     queues = [settings.jobs_queue, settings.dead_letter_queue, settings.interactive_queue,
               *(f"{settings.jobs_queue}.retry.{tier}s" for tier in DELAY_TIERS_S),
+              settings.batch_queue,
+              *(f"{settings.batch_queue}.retry.{tier}s" for tier in DELAY_TIERS_S),
               settings.webhooks_queue, settings.webhooks_dead_queue,
               *(f"{settings.webhooks_queue}.retry.{t}s" for t in WEBHOOK_DELAY_TIERS_S)]
     return queues, [settings.dead_letter_exchange, settings.cancel_exchange]

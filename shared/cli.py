@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep trying this long while the database cannot be reached "
                               "(a container starting beside it)")
     command("api", "run the HTTP front door", "database", "broker", "api", "auth", "results",
-            "providers", "logs")
+            "batches", "providers", "logs")
     command("worker", "run a worker that executes jobs and delivers webhooks", "database",
             "broker", "worker", "webhooks", "providers", "logs")
     command("sweeper", "delete expired results and reconcile lost jobs", "database", "broker",

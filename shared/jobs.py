@@ -18,8 +18,10 @@ import orjson
 
 JOB_ID_PREFIX = "job_"
 
-Mode = Literal["async", "sync", "stream"]
-Status = Literal["pending", "processing", "completed", "failed"]
+Mode = Literal["async", "sync", "stream", "batch"]
+# canceled / expired: a batch request that never ran.
+Status = Literal["pending", "processing", "completed", "failed", "canceled", "expired"]
+FINAL_STATUSES = ("completed", "failed", "canceled", "expired")
 # What a worker is asked to do with the body: a Messages call, a count_tokens call, or (with no
 # body) list the provider's models.
 Operation = Literal["messages", "count_tokens", "models"]
@@ -148,7 +150,7 @@ class JobEnvelope:
             caller = meta.get("caller")
             return cls(
                 job_id=job_id, model=model, body=body,
-                mode=_choice(meta.get("mode", "async"), ("async", "sync", "stream")),
+                mode=_choice(meta.get("mode", "async"), ("async", "sync", "stream", "batch")),
                 operation=_choice(meta.get("op", "messages"),
                                   ("messages", "count_tokens", "models")),
                 provider=str(meta.get("provider", "anthropic")),

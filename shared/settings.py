@@ -9,7 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONSUMER_TIMEOUT_MARGIN_S = 60.0
-LANES = ("async", "interactive", "webhooks")
+LANES = ("async", "interactive", "batch", "webhooks")
 
 
 def _env(name: str) -> AliasChoices:
@@ -85,7 +85,24 @@ class Settings(BaseSettings):
         1_000_000, ge=1, validation_alias=_env("FERRY_QUEUE_MAX_LENGTH")
     )
 
-    lanes: str = Field("async,interactive,webhooks", validation_alias=_env("FERRY_WORKER_LANES"))
+    lanes: str = Field("async,interactive,batch,webhooks",
+                       validation_alias=_env("FERRY_WORKER_LANES"))
+    # Message Batches: their requests run on a lane of their own, with this many in flight per
+    # worker beside the async and interactive budgets, so a 100,000-request batch never holds
+    # the slots single jobs and interactive requests need.
+    batch_concurrency: int = Field(
+        32, ge=1, le=10_000, validation_alias=_env("FERRY_BATCH_CONCURRENCY"))
+    batch_expiry_s: float = Field(
+        24 * 3600, gt=0, validation_alias=_env("FERRY_BATCH_EXPIRY"))
+    batch_retention_s: int = Field(
+        29 * 24 * 3600, ge=60, validation_alias=_env("FERRY_BATCH_RETENTION"))
+    max_batch_body_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, validation_alias=_env("FERRY_MAX_BATCH_BODY"))
+    batch_create_timeout_s: float = Field(
+        600.0, gt=0, validation_alias=_env("FERRY_BATCH_CREATE_TIMEOUT"))
+    # The address clients reach Ferry at, for absolute URLs in answers (a batch's
+    # results_url); unset: the scheme and Host of the request being answered.
+    public_url: str | None = Field(None, validation_alias=_env("FERRY_PUBLIC_URL"))
     interactive_concurrency: int = Field(
         64, ge=1, le=10_000, validation_alias=_env("FERRY_INTERACTIVE_CONCURRENCY")
     )
@@ -219,6 +236,10 @@ class Settings(BaseSettings):
         return f"{self.namespace}.jobs"
 
     @property
+    def batch_queue(self) -> str:
+        return f"{self.namespace}.batch"
+
+    @property
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.dead"
 
@@ -247,13 +268,16 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
             "FERRY_STATS_INTERVAL", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
     "auth": ("FERRY_AUTH", "FERRY_ADMIN_KEY"),
     "results": ("FERRY_RESULT_TTL", "FERRY_RESULT_TTL_MAX"),
+    "batches": ("FERRY_MAX_BATCH_BODY", "FERRY_BATCH_CREATE_TIMEOUT", "FERRY_BATCH_EXPIRY",
+                "FERRY_BATCH_RETENTION", "FERRY_PUBLIC_URL"),
     "providers": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "FERRY_ANTHROPIC_VERSION",
                   "OPENAI_API_KEY", "OPENAI_BASE_URL", "FERRY_PROVIDERS_FILE",
                   "FERRY_KEY_COOLDOWN", "FERRY_PROVIDER_TIMEOUT",
                   "FERRY_PROVIDER_MAX_ATTEMPTS", "FERRY_RETRY_BASE", "FERRY_RETRY_MAX",
                   "FERRY_INLINE_RETRY_MAX"),
     "worker": ("FERRY_WORKER_CONCURRENCY", "FERRY_INTERACTIVE_CONCURRENCY",
-               "FERRY_WORKER_LANES", "FERRY_SHUTDOWN_GRACE", "FERRY_DELIVERY_LIMIT",
+               "FERRY_WORKER_LANES", "FERRY_BATCH_CONCURRENCY", "FERRY_SHUTDOWN_GRACE",
+               "FERRY_DELIVERY_LIMIT",
                "FERRY_LEASE_SECONDS", "FERRY_JOB_DEADLINE", "FERRY_METRICS_PORT",
                "FERRY_METRICS_HOST"),
     "webhooks": ("FERRY_WEBHOOK_CONCURRENCY", "FERRY_WEBHOOK_TIMEOUT",
@@ -261,7 +285,8 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
                  "FERRY_WEBHOOK_MAX_ATTEMPTS"),
     "sweeper": ("FERRY_SWEEP_INTERVAL", "FERRY_SWEEP_BATCH", "FERRY_HISTORY_RETENTION_DAYS",
                 "FERRY_RECONCILE_INTERVAL", "FERRY_OUTBOX_GRACE", "FERRY_REPUBLISH_AFTER",
-                "FERRY_LEASE_SECONDS", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
+                "FERRY_LEASE_SECONDS", "FERRY_BATCH_EXPIRY", "FERRY_BATCH_RETENTION",
+                "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
     "logs": ("FERRY_LOG_FORMAT", "FERRY_LOG_LEVEL"),
 }
 

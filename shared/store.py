@@ -20,7 +20,7 @@ import asyncpg
 
 from shared import webhooks
 from shared.errors import Conflict, FerryError, InvalidRequest, RateLimited, Unavailable
-from shared.jobs import Mode, Status
+from shared.jobs import FINAL_STATUSES, Mode, Status
 from shared.logging import get_logger
 
 log = get_logger("ferry.store")
@@ -133,6 +133,15 @@ class Finished:
     """A job this call finished. `delivery_id`: its webhook delivery, to be published."""
 
     delivery_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A job's message as the outbox keeps it, and the lane it goes to (by its mode)."""
+
+    job_id: uuid.UUID
+    message: bytes
+    mode: Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +418,7 @@ class Store:
         if row["taken_abandoned"] is not None:
             return Claim("claimed", "processing", row["attempts"], row["taken_abandoned"],
                          ttl_seconds=row["ttl_seconds"])
-        if status in ("completed", "failed"):
+        if status in FINAL_STATUSES:
             return Claim("finished", status)
         if status == "pending":
             return Claim("parked", status, row["attempts"])
@@ -517,36 +526,49 @@ class Store:
             " AND not_before < now() - make_interval(secs => $1)"
             " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", grace_s, limit)
 
-    async def release_stale_pending(self, older_than_s: float, limit: int) -> list[uuid.UUID]:
-        """Pending jobs published long ago and never picked up (their message was lost)."""
-        return await self._release(
-            "UPDATE jobs SET published_at = NULL WHERE id IN ("
-            " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
-            " AND published_at < now() - make_interval(secs => $1)"
-            " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", older_than_s, limit)
+    async def release_stale_pending(self, older_than_s: float, limit: int,
+                                    mode: Mode = "async") -> list[uuid.UUID]:
+        """Pending jobs of a lane (`async` or `batch`) published long ago and never picked up
+        (their message was lost: the caller checked that lane's queue is empty)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "UPDATE jobs SET published_at = NULL WHERE id IN ("
+                " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
+                " AND mode = $3 AND published_at < now() - make_interval(secs => $1)"
+                " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id",
+                float(older_than_s), limit, mode)
+        return [r["id"] for r in rows]
 
     async def _release(self, sql: str, seconds: float, limit: int) -> list[uuid.UUID]:
         async with self._conn() as conn:
             return [r["id"] for r in await conn.fetch(sql, float(seconds), limit)]
 
-    async def messages(self, ids: list[uuid.UUID]) -> list[tuple[uuid.UUID, bytes]]:
+    async def messages(self, ids: list[uuid.UUID]) -> list[StoredMessage]:
         """The stored messages of these jobs (those still unfinished)."""
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT job_id, message FROM job_payloads WHERE job_id = ANY($1::uuid[])", ids)
-        return [(r["job_id"], bytes(r["message"])) for r in rows]
+                "SELECT p.job_id AS id, p.message, j.mode FROM job_payloads p"
+                " JOIN jobs j ON j.id = p.job_id WHERE p.job_id = ANY($1::uuid[])", ids)
+        return [StoredMessage(r["id"], bytes(r["message"]), r["mode"]) for r in rows]
 
-    async def unpublished(self, older_than_s: float, limit: int
-                          ) -> list[tuple[uuid.UUID, bytes]]:
+    async def message(self, job_id: uuid.UUID) -> bytes | None:
+        """One job's stored message; None once it has ended (or never existed)."""
+        async with self._conn() as conn:
+            data = await conn.fetchval("SELECT message FROM job_payloads WHERE job_id = $1",
+                                       job_id)
+        return None if data is None else bytes(data)
+
+    async def unpublished(self, older_than_s: float, limit: int) -> list[StoredMessage]:
         """Pending jobs with no confirmed message, committed more than `older_than_s` ago
         (the api stopped between commit and publish), with their messages."""
         async with self._conn() as conn:
             rows = await conn.fetch(
-                "SELECT j.id, p.message FROM jobs j JOIN job_payloads p ON p.job_id = j.id"
+                "SELECT j.id, p.message, j.mode FROM jobs j"
+                " JOIN job_payloads p ON p.job_id = j.id"
                 " WHERE j.status = 'pending' AND j.published_at IS NULL"
                 " AND j.submitted_at < now() - make_interval(secs => $1)"
                 " ORDER BY j.submitted_at LIMIT $2", float(older_than_s), limit)
-        return [(r["id"], bytes(r["message"])) for r in rows]
+        return [StoredMessage(r["id"], bytes(r["message"]), r["mode"]) for r in rows]
 
     async def job_status(self, job_id: uuid.UUID) -> tuple[Status, int] | None:
         """(status, deliveries), for the dead-letter drain's message."""
@@ -583,7 +605,7 @@ class Store:
                 "DELETE FROM jobs WHERE id IN ("
                 " SELECT id FROM jobs"
                 " WHERE submitted_at < now() - make_interval(secs => $1)"
-                " AND status IN ('completed', 'failed')"
+                " AND status IN ('completed', 'failed', 'canceled', 'expired')"
                 " ORDER BY submitted_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
                 older_than_s, batch)
         return _count(status)
@@ -631,7 +653,7 @@ async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[in
                        " FOR UPDATE", limited)
     rows = await conn.fetch(
         "SELECT key_id, count(*) AS n FROM jobs WHERE key_id = ANY($1::uuid[])"
-        " AND status IN ('pending', 'processing') GROUP BY key_id", limited)
+        " AND status IN ('pending', 'processing') AND mode = 'async' GROUP BY key_id", limited)
     counts = {r["key_id"]: r["n"] for r in rows}
     refused: dict[int, FerryError] = {}
     for i, job in enumerate(jobs):

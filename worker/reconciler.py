@@ -26,13 +26,14 @@ from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from shared.batchstore import BatchStore
 from shared.broker import Broker, settle
 from shared.errors import FerryError, Unavailable
 from shared.jobs import format_job_id
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.settings import Settings
-from shared.store import Outcome, Store, StoreUnavailable
+from shared.store import Outcome, Store, StoredMessage, StoreUnavailable
 from shared.webhooks import delivery_header_id
 from shared.webhookstore import WebhookStore
 from shared.wire import ErrorEnvelope
@@ -52,6 +53,7 @@ class Reconciler:
         self._broker = broker
         self._metrics = metrics or Metrics()
         self._webhooks = WebhookStore(store)
+        self._batches = BatchStore(store)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self._broker.consume_dead_letters(self.on_dead_letter)
@@ -81,13 +83,19 @@ class Reconciler:
             stale: list[uuid.UUID] = []
             if await self._jobs_queue_empty():
                 stale = await self._store.release_stale_pending(s.republish_after_s, BATCH)
+            if await self._queue_empty(self._broker.batch_queue_depth):
+                stale += await self._store.release_stale_pending(s.republish_after_s, BATCH,
+                                                                 mode="batch")
             released = expired + overdue + stale
             republished = await self._publish(await self._store.messages(released))
             republished += await self._republish_unpublished(s.outbox_grace_s)
             webhooks = await self._reconcile_webhooks()
+            batches_expired = await self._batches.expire_due(BATCH * 10)
+            batches_ended = await self._batches.close_ended(BATCH)
         done = {"expired_leases": len(expired), "overdue_parked": len(overdue),
                 "stale_pending": len(stale), "republished": republished,
-                "webhooks_republished": webhooks}
+                "webhooks_republished": webhooks, "batch_requests_expired": batches_expired,
+                "batches_ended": batches_ended}
         if any(done.values()):
             log.info("reconciled", **done)
             for what, count in done.items():
@@ -135,17 +143,21 @@ class Reconciler:
             if published < len(rows) or len(rows) < BATCH:
                 return total
 
-    async def _publish(self, rows: list[tuple[uuid.UUID, bytes]]) -> int:
-        """Publish stored messages; mark each once the broker confirmed it."""
+    async def _publish(self, rows: list[StoredMessage]) -> int:
+        """Publish stored messages, each to its lane; mark each once the broker confirmed it."""
         published: list[uuid.UUID] = []
-        for job_id, message in rows:
+        for row in rows:
             try:
-                await self._broker.publish_raw_job(job_id, message)
+                if row.mode == "batch":
+                    if not await self._broker.publish_batch_jobs([row.job_id]):
+                        raise Unavailable("the batch queue refused the request")
+                else:
+                    await self._broker.publish_raw_job(row.job_id, row.message)
             except FerryError as exc:
-                log.warning("could not republish a job", job_id=format_job_id(job_id),
+                log.warning("could not republish a job", job_id=format_job_id(row.job_id),
                             error=exc.message)
                 break
-            published.append(job_id)
+            published.append(row.job_id)
         if published:
             await self._store.mark_published(published)
         return len(published)

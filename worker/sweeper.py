@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from shared.batchstore import BatchStore
 from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import Metrics
@@ -34,6 +35,8 @@ class Sweeper:
             deleted = await self._drain(self._store.sweep_expired)
             self._metrics.swept.inc(deleted)
             keys = await self._drain(self._store.sweep_idempotency_keys)
+            batches = await self._drain(lambda batch: BatchStore(self._store).sweep(
+                self._settings.batch_retention_s, batch))
             await KeyStore(self._store).prune_usage(USAGE_KEPT_S)
             pruned = 0
             if self._settings.history_retention_days:
@@ -42,9 +45,10 @@ class Sweeper:
                     lambda batch: self._store.prune_history(retention_s, batch))
                 self._metrics.history_pruned.inc(pruned)
         self.deleted_total += deleted
-        if deleted or pruned or keys:
+        if deleted or pruned or keys or batches:
             log.info("sweep done", results_deleted=deleted, history_pruned=pruned,
-                     idempotency_keys_deleted=keys, results_deleted_total=self.deleted_total)
+                     idempotency_keys_deleted=keys, batches_deleted=batches,
+                     results_deleted_total=self.deleted_total)
         return deleted
 
     async def _drain(self, delete_batch: Callable[[int], Awaitable[int]]) -> int:

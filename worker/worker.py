@@ -32,7 +32,7 @@ from typing import Any, Literal, TypeVar
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from shared.broker import Broker, job_envelope, settle
+from shared.broker import Broker, job_envelope, message_job_id, settle
 from shared.errors import Unavailable
 from shared.jobs import JobEnvelope, format_job_id
 from shared.logging import get_logger
@@ -103,6 +103,9 @@ class Worker:
             side_tasks.add(asyncio.create_task(self._meter.run(history_stop), name="meter"))
         if "async" in s.worker_lanes:
             await self._broker.consume_jobs(self._on_message, prefetch=s.worker_concurrency)
+        if "batch" in s.worker_lanes:
+            await self._broker.consume_batch(self._on_batch_message,
+                                             prefetch=s.batch_concurrency)
         if "interactive" in s.worker_lanes:
             runner = InteractiveRunner(s, self._providers, self._history, self._broker,
                                        self.worker_id,
@@ -121,7 +124,7 @@ class Worker:
                                                 prefetch=s.webhook_concurrency)
         log.info("worker consuming", lanes=sorted(s.worker_lanes),
                  concurrency=s.worker_concurrency, interactive=s.interactive_concurrency,
-                 webhooks=s.webhook_concurrency)
+                 batch=s.batch_concurrency, webhooks=s.webhook_concurrency)
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({stopped, *side_tasks},
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -197,6 +200,45 @@ class Worker:
         self._jobs[envelope.job_id] = job
         job.task = self._spawn(self._handle(job, envelope))
 
+    async def _on_batch_message(self, message: AbstractIncomingMessage) -> None:
+        """A batch request's message names the job; the request itself is read from the
+        store (kept there until the job ends)."""
+        try:
+            job_id = message_job_id(message)
+        except ValueError as exc:
+            log.error("undecodable batch message, dead-lettering", error=str(exc))
+            await settle(message.reject(requeue=False))
+            return
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.messages.append(message)
+            return
+        job = _Job(time.monotonic(), [message])
+        self._jobs[job_id] = job
+        job.task = self._spawn(self._handle_batch(job, job_id), "batch")
+
+    async def _handle_batch(self, job: _Job, job_id: uuid.UUID) -> None:
+        action: Settle = "ack"
+        try:
+            data = await self._store_call(job, lambda: self._store.message(job_id))
+            envelope = JobEnvelope.decode(job_id, data, None) if data is not None else None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._hand_back(job, job_id))
+            raise
+        except Unavailable:
+            envelope, action = None, "nack"
+        except ValueError as exc:
+            log.error("undecodable stored batch request", job_id=format_job_id(job_id),
+                      error=str(exc))
+            envelope = None
+        if envelope is not None:
+            await self._handle(job, envelope)
+            return
+        # Ended already (finished, canceled, expired) or unreadable: nothing to run.
+        self._jobs.pop(job_id, None)
+        for message in job.messages:
+            await settle(message.ack() if action == "ack" else message.nack(requeue=True))
+
     async def _handle(self, job: _Job, envelope: JobEnvelope) -> None:
         structlog.contextvars.bind_contextvars(
             worker_id=self.worker_id, job_id=format_job_id(envelope.job_id),
@@ -204,7 +246,7 @@ class Worker:
         try:
             action = await self._process(job, envelope)
         except asyncio.CancelledError:
-            await asyncio.shield(self._hand_back(job, envelope))
+            await asyncio.shield(self._hand_back(job, envelope.job_id))
             raise
         except Exception:
             log.exception("job processing failed unexpectedly")
@@ -233,7 +275,7 @@ class Worker:
         if self._meter is not None:
             self._meter.record(envelope.key_id, outcome.usage)
         first = await self._finish(job, envelope, outcome)
-        self._metrics.jobs_finished.labels("async", outcome.status).inc()
+        self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
         log.info("job finished", status=outcome.status, attempts=outcome.attempts,
                  http_status=outcome.http_status, provider=outcome.served_provider,
                  first=first)
@@ -310,17 +352,17 @@ class Worker:
         log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
                  status=later.status, attempts=made)
 
-    async def _hand_back(self, job: _Job, envelope: JobEnvelope) -> None:
+    async def _hand_back(self, job: _Job, job_id: uuid.UUID) -> None:
         """Shutdown past the grace period: the job is pending again for the next worker."""
         if job.claimed:
             try:
                 await asyncio.wait_for(self._store.release(
-                    envelope.job_id, self.worker_id, job.attempts.count), 5)
+                    job_id, self.worker_id, job.attempts.count), 5)
             except (StoreUnavailable, TimeoutError):
                 pass  # its lease runs out instead
         for message in job.messages:
             await settle(message.nack(requeue=True))
-        self._jobs.pop(envelope.job_id, None)
+        self._jobs.pop(job_id, None)
         log.info("job handed back to the queue")
 
     async def _fail_internal(self, job: _Job, envelope: JobEnvelope) -> Settle:

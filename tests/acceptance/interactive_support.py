@@ -137,7 +137,8 @@ async def history_rows(database_url: str, model: str) -> list[asyncpg.Record]:
 @asynccontextmanager
 async def providers_stack(run: TestRun, log_dir: Path, suffix: str,
                           providers_toml: Callable[[Stack], str], *, workers: int = 1,
-                          env: dict[str, str] | None = None) -> AsyncIterator[Stack]:
+                          env: dict[str, str] | None = None,
+                          sweeper: bool = False) -> AsyncIterator[Stack]:
     """running_stack, plus FERRY_PROVIDERS_FILE written from `providers_toml(stack)` before
     any process starts (the file needs the fake provider's URL, which the Stack picks)."""
     path = log_dir / "providers.toml"
@@ -147,7 +148,7 @@ async def providers_stack(run: TestRun, log_dir: Path, suffix: str,
         stack.settings_env["FERRY_PROVIDERS_FILE"] = str(path)
 
     async with running_stack(run, log_dir, suffix, workers=workers, env=env,
-                             before_start=write_providers) as stack:
+                             before_start=write_providers, sweeper=sweeper) as stack:
         yield stack
 
 

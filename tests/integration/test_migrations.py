@@ -85,6 +85,9 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("request_id", "text", "YES"),
         ("key_id", "uuid", "YES"),
         ("webhook_endpoint_id", "uuid", "YES"),
+        ("batch_id", "uuid", "YES"),
+        ("batch_index", "integer", "YES"),
+        ("custom_id", "text", "YES"),
         ("watched", "boolean", "NO"),
     ]
 
@@ -108,7 +111,7 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     assert {r["table_name"] for r in tables} == {
         "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations",
         "api_keys", "key_usage", "key_leases", "webhook_endpoints", "webhook_endpoint_keys",
-        "webhook_deliveries", "webhook_attempts"}
+        "webhook_deliveries", "webhook_attempts", "batches"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -144,6 +147,12 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("webhook_deliveries", "webhook_deliveries_endpoint_created_idx"),
         ("webhook_attempts", "webhook_attempts_pkey"),
         ("webhook_attempts", "webhook_attempts_started_at_idx"),
+        ("batches", "batches_pkey"),
+        ("batches", "batches_caller_created_idx"),
+        ("batches", "batches_in_progress_idx"),
+        ("batches", "batches_created_at_idx"),
+        ("jobs", "jobs_batch_idx"),
+        ("jobs", "jobs_batch_status_idx"),
     }
     assert "(model, submitted_at)" in indexes[("jobs", "jobs_model_submitted_at_idx")]
     assert "(provider, submitted_at)" in indexes[("jobs", "jobs_provider_submitted_at_idx")]
@@ -173,6 +182,9 @@ async def test_status_and_mode_are_constrained(db: asyncpg.Connection) -> None:
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(insert, "async", "done", 0)
     with pytest.raises(asyncpg.CheckViolationError):
-        await db.execute(insert, "batch", "pending", 0)
+        await db.execute(insert, "bulk", "pending", 0)
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute(insert, "batch", "abandoned", 0)
+    await db.execute(insert, "batch", "canceled", 0)
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(insert, "async", "pending", -1)

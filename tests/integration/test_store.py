@@ -318,7 +318,7 @@ async def test_unpublished_jobs_are_found_with_their_messages(
     await store.insert_jobs([fresh, old])
     await db.execute("UPDATE jobs SET submitted_at = now() - interval '1 minute'"
                      " WHERE id = ANY($1::uuid[])", [old.id, published])
-    assert await store.unpublished(15, 100) == [(old.id, old.message)]
+    assert [(m.job_id, m.message) for m in await store.unpublished(15, 100)] == [(old.id, old.message)]
 
 
 async def test_expired_leases_are_released_for_republishing(store: Store,
@@ -331,7 +331,7 @@ async def test_expired_leases_are_released_for_republishing(store: Store,
     row = await job_row(db, dead)
     assert (row["status"], row["published_at"], row["abandoned"]) == ("pending", None, 1)
     assert (await job_row(db, live))["status"] == "processing"
-    assert [job_id for job_id, _ in await store.messages([dead])] == [dead]
+    assert [m.job_id for m in await store.messages([dead])] == [dead]
 
 
 async def test_overdue_parked_and_stale_pending_jobs_are_released(

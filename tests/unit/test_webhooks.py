@@ -180,14 +180,14 @@ def test_names(name: str, ok: bool) -> None:
 ])
 def test_worker_lanes(lanes: str, ok: bool) -> None:
     if ok:
-        assert Settings(lanes=lanes).worker_lanes <= {"async", "interactive", "webhooks"}
+        assert Settings(lanes=lanes).worker_lanes <= {"async", "interactive", "batch", "webhooks"}
     else:
         with pytest.raises(ValidationError, match="comma-separated list"):
             Settings(lanes=lanes)
 
 
 def test_every_lane_is_served_by_default() -> None:
-    assert Settings.model_fields["lanes"].default == "async,interactive,webhooks"
+    assert Settings.model_fields["lanes"].default == "async,interactive,batch,webhooks"
 
 
 def readme_verify() -> Callable[[str, dict[str, str], bytes], bool]:
