@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import aio_pika
@@ -155,6 +155,20 @@ class _Consumer:
     channel: AbstractChannel | None = None
 
 
+async def _declare_delay_tiers(channel: AbstractChannel, tiers: Iterable[int],
+                               name_of: Callable[[int], str], target: str) -> None:
+    """Delay queues: a message waits out the tier's TTL, then goes back to `target`. At least
+    once: an expired message stays in its tier until `target` takes it (it may be full),
+    instead of being dropped."""
+    for tier in tiers:
+        await channel.declare_queue(
+            name_of(tier), durable=True,
+            arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
+                       "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
+                       "x-dead-letter-strategy": "at-least-once",
+                       "x-overflow": "reject-publish"})
+
+
 class Broker:
     """Channels on the current connection of a `Link`, rebuilt on every reconnect."""
 
@@ -269,17 +283,7 @@ class Broker:
                 "x-max-length": s.queue_max_length,
             },
         )
-        for tier in DELAY_TIERS_S:
-            await channel.declare_queue(
-                self.delay_queue(tier), durable=True,
-                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
-                           "x-dead-letter-exchange": "",
-                           "x-dead-letter-routing-key": s.jobs_queue,
-                           # At least once: an expired message stays here until the jobs
-                           # queue takes it (it may be full), instead of being dropped.
-                           "x-dead-letter-strategy": "at-least-once",
-                           "x-overflow": "reject-publish"},
-            )
+        await _declare_delay_tiers(channel, DELAY_TIERS_S, self.delay_queue, s.jobs_queue)
         return jobs
 
     def batch_delay_queue(self, tier: int) -> str:
@@ -296,14 +300,8 @@ class Broker:
                        "x-dead-letter-exchange": s.dead_letter_exchange,
                        "x-dead-letter-strategy": "at-least-once",
                        "x-overflow": "reject-publish", "x-max-length": s.queue_max_length})
-        for tier in DELAY_TIERS_S:
-            await channel.declare_queue(
-                self.batch_delay_queue(tier), durable=True,
-                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
-                           "x-dead-letter-exchange": "",
-                           "x-dead-letter-routing-key": s.batch_queue,
-                           "x-dead-letter-strategy": "at-least-once",
-                           "x-overflow": "reject-publish"})
+        await _declare_delay_tiers(channel, DELAY_TIERS_S, self.batch_delay_queue,
+                                   s.batch_queue)
         return queue
 
     def webhook_delay_queue(self, tier: int) -> str:
@@ -322,14 +320,8 @@ class Broker:
                        "x-dead-letter-routing-key": s.webhooks_dead_queue,
                        "x-dead-letter-strategy": "at-least-once",
                        "x-overflow": "reject-publish"})
-        for tier in WEBHOOK_DELAY_TIERS_S:
-            await channel.declare_queue(
-                self.webhook_delay_queue(tier), durable=True,
-                arguments={"x-queue-type": "quorum", "x-message-ttl": tier * 1000,
-                           "x-dead-letter-exchange": "",
-                           "x-dead-letter-routing-key": s.webhooks_queue,
-                           "x-dead-letter-strategy": "at-least-once",
-                           "x-overflow": "reject-publish"})
+        await _declare_delay_tiers(channel, WEBHOOK_DELAY_TIERS_S, self.webhook_delay_queue,
+                                   s.webhooks_queue)
         return queue
 
     # --- publishing ------------------------------------------------------------------------
