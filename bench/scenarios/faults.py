@@ -47,6 +47,12 @@ async def run_faults(b: Bench) -> None:
                      f"(max calls per job {f['max_calls']}), recovered in {f['recovered']}")
             load = f"async submits, {f['submitted']} sent; refused {f.get('refused', '-')}"
             duration = f"settled {f.get('settled', '?')}"
+        elif "killed" in f:  # the cluster test's sync requests sent one after another
+            value = (f"{f['ok']} of {f['requests']} sync requests answered 200, "
+                     f"{f['unclean']} outside the envelope; nodes killed {f['killed']}; "
+                     f"answering again {f['recovered_s']} s after each kill")
+            load = "sync requests one after another while async submits run"
+            duration = "-"
         else:
             value = (f"{f.get('answered_in_guard', '?')} of {f.get('requests', '?')} waiting "
                      f"requests answered, {f.get('clean', '?')} in the envelope, after "
