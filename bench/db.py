@@ -41,6 +41,12 @@ class JobSpan:
     last_completed: float | None
 
 
+@dataclass(frozen=True)
+class BatchSpan:
+    count: int
+    seconds: float
+
+
 class BenchDB:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
@@ -53,7 +59,7 @@ class BenchDB:
         await self._conn.close()
 
     async def reset(self) -> None:
-        await self._conn.execute("TRUNCATE jobs CASCADE")
+        await self._conn.execute("TRUNCATE jobs, batches CASCADE")
 
     async def job_ids(self) -> list[uuid.UUID]:
         return [r["id"] for r in await self._conn.fetch("SELECT id FROM jobs")]
@@ -89,6 +95,20 @@ class BenchDB:
             " FROM jobs WHERE mode = 'async' AND status = 'completed'"
         )
         return JobSpan(row["n"], _f(row["sub"]), _f(row["start"]), _f(row["done"]))
+
+    async def async_latencies(self) -> list[float]:
+        """completed_at − submitted_at of every finished async job, in seconds, sorted."""
+        rows = await self._conn.fetch(
+            "SELECT extract(epoch FROM completed_at - submitted_at)::float8 AS s FROM jobs"
+            " WHERE mode = 'async' AND completed_at IS NOT NULL ORDER BY 1")
+        return [r["s"] for r in rows]
+
+    async def batch_span(self) -> BatchSpan:
+        """Succeeded batch requests, and the seconds from the first started to the last done."""
+        row = await self._conn.fetchrow(
+            "SELECT count(*) AS n, extract(epoch FROM max(completed_at) - min(started_at))"
+            "::float8 AS s FROM jobs WHERE mode = 'batch' AND status = 'completed'")
+        return BatchSpan(row["n"], float(row["s"] or 0))
 
     async def pickup_and_run(self) -> tuple[float, float, float]:
         """(seconds from first to last started_at, p50 and p99 of completed_at − started_at)

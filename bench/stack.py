@@ -175,7 +175,7 @@ class FerryStack:
         try:
             channel = await connection.channel()
             for queue in (settings.jobs_queue, settings.interactive_queue,
-                          settings.dead_letter_queue):
+                          settings.batch_queue, settings.dead_letter_queue):
                 try:
                     await (await channel.declare_queue(queue, passive=True)).purge()
                 except aio_pika.exceptions.ChannelNotFoundEntity:

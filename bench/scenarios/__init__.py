@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.context import Bench
+from bench.scenarios.batches import run_batches
 from bench.scenarios.faults import run_faults
 from bench.scenarios.interactive import run_stream, run_sync
 from bench.scenarios.jobs import run_jobs
@@ -19,5 +20,6 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "jobs": run_jobs,
     "longpoll": run_longpoll,
     "sweeper": run_sweeper,
+    "batches": run_batches,
     "faults": run_faults,
 }
