@@ -2,7 +2,8 @@
 
 Migrates, makes sure a local gateway key exists (created on the first run and kept in
 `.ferry-dev-key`, so every run can print a ready curl line), then runs the api, the workers,
-the sweeper and, when no ANTHROPIC_API_KEY is set, the fake provider as the upstream.
+the sweeper and, when no ANTHROPIC_API_KEY is set, the fake provider as the upstream (of
+`openai/...` models too, unless OPENAI_API_KEY or OPENAI_BASE_URL is set).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def run_dev(settings: Settings, args: argparse.Namespace) -> int:
         env.pop("ANTHROPIC_API_KEY", None)  # empty: the fake provider, not the real API
         print("ferry dev: no ANTHROPIC_API_KEY, so the fake provider answers "
               f"(http://127.0.0.1:{fake_port}; docs/fake-provider.md)", flush=True)
+        if settings.openai_api_key is None and "OPENAI_BASE_URL" not in os.environ:
+            # It speaks chat completions too: `openai/...` models work out of the box.
+            env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{fake_port}/v1"
+            env.pop("OPENAI_API_KEY", None)
         manager.add_process("fake-provider",
                             shlex.join([*me, "fake-provider", "--port", str(fake_port)]),
                             env=env)
