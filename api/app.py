@@ -91,8 +91,7 @@ async def _checker_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BROKER] = broker = await Broker.connect(app[SETTINGS], role="api")
     store = app[STORE]
-    app[BATCHES] = batches = Batches(BatchStore(store, app[SETTINGS].database_url), store,
-                                     broker)
+    app[BATCHES] = batches = Batches(BatchStore(store, app[SETTINGS].database_url), broker)
     app[SUBMITS] = SubmitBatcher(store, broker)
     app[REPLIES] = replies = ReplyRouter()
     await replies.start(broker)

@@ -14,7 +14,6 @@ from shared.batchstore import BatchStore, format_batch_id
 from shared.broker import Broker
 from shared.errors import FerryError
 from shared.logging import get_logger
-from shared.store import Store
 
 log = get_logger("ferry.batches")
 
@@ -25,9 +24,8 @@ MAX_CONCURRENT_CREATES = 4  # per api process; each holds a connection of its ow
 class Batches:
     """The api's batch machinery: the store, and the background publishers of new batches."""
 
-    def __init__(self, store: BatchStore, jobs: Store, broker: Broker) -> None:
+    def __init__(self, store: BatchStore, broker: Broker) -> None:
         self.store = store
-        self._jobs = jobs
         self._broker = broker
         self.creates = asyncio.Semaphore(MAX_CONCURRENT_CREATES)
         self._publishers: set[asyncio.Task[None]] = set()
@@ -49,7 +47,7 @@ class Batches:
     async def _publish(self, batch_id: uuid.UUID, count: int) -> None:
         """Queue a new batch's requests in order, marking them published as the broker
         confirms them."""
-        broker, store, batches = self._broker, self._jobs, self.store
+        broker, batches = self._broker, self.store
         after, published, started = -1, 0, time.monotonic()
         try:
             while True:
@@ -59,7 +57,7 @@ class Batches:
                 ids = [job_id for _, job_id in rows]
                 confirmed = await broker.publish_batch_jobs(ids)
                 if confirmed:
-                    await store.mark_published(confirmed)
+                    await batches.published_some(batch_id, confirmed)
                     published += len(confirmed)
                 if len(confirmed) < len(ids):
                     log.warning("the batch queue refused requests; the reconciler will "

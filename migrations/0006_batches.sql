@@ -11,6 +11,9 @@ CREATE TABLE batches (
     expires_at          timestamptz NOT NULL,      -- requests not started by then expire
     cancel_initiated_at timestamptz,
     ended_at            timestamptz,               -- when the last request ended
+    -- The api publishing the requests last made progress then: until this is
+    -- FERRY_OUTBOX_GRACE old, the reconciler leaves the unpublished ones to it.
+    publishing_at       timestamptz,
     -- Final counts, written when the batch is seen to have ended.
     succeeded           integer,
     errored             integer,

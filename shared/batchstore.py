@@ -163,11 +163,13 @@ class BatchStore:
                 yield writer
                 with _translated():
                     await writer.flush()
+                    # publishing_at: the commit's time, not the transaction's start (a
+                    # create can take minutes), as the api starts publishing right after.
                     await conn.execute(
                         "INSERT INTO batches (id, caller_hash, key_id, request_count,"
-                        " created_at, expires_at, request_id)"
+                        " created_at, expires_at, request_id, publishing_at)"
                         " VALUES ($1, $2, $3, $4, $5::timestamptz,"
-                        " $5::timestamptz + make_interval(secs => $6), $7)",
+                        " $5::timestamptz + make_interval(secs => $6), $7, clock_timestamp())",
                         writer.batch_id, caller_hash, key_id, writer.count, now,
                         float(expiry_s), request_id)
                     await tx.commit()
@@ -188,6 +190,14 @@ class BatchStore:
                 " AND status = 'pending' AND published_at IS NULL ORDER BY batch_index"
                 " LIMIT $3", batch_id, after_index, limit)
         return [(r["batch_index"], r["id"]) for r in rows]
+
+    async def published_some(self, batch_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
+        """Mark requests published, and the batch's publisher as making progress."""
+        async with self._store._conn() as conn, conn.transaction():
+            await conn.execute("UPDATE jobs SET published_at = now() WHERE id = ANY($1::uuid[])",
+                               job_ids)
+            await conn.execute("UPDATE batches SET publishing_at = now() WHERE id = $1",
+                               batch_id)
 
     # --- read --------------------------------------------------------------------------------
 

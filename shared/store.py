@@ -560,13 +560,17 @@ class Store:
 
     async def unpublished(self, older_than_s: float, limit: int) -> list[StoredMessage]:
         """Pending jobs with no confirmed message, committed more than `older_than_s` ago
-        (the api stopped between commit and publish), with their messages."""
+        (the api stopped between commit and publish), with their messages. A batch's requests
+        are left to the api publishing them while it makes progress (a 100,000-request batch
+        takes a while to publish)."""
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT j.id, p.message, j.mode FROM jobs j"
                 " JOIN job_payloads p ON p.job_id = j.id"
                 " WHERE j.status = 'pending' AND j.published_at IS NULL"
                 " AND j.submitted_at < now() - make_interval(secs => $1)"
+                " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = j.batch_id"
+                "  AND b.publishing_at > now() - make_interval(secs => $1))"
                 " ORDER BY j.submitted_at LIMIT $2", float(older_than_s), limit)
         return [StoredMessage(r["id"], bytes(r["message"]), r["mode"]) for r in rows]
 
