@@ -69,13 +69,14 @@ and empties the fake provider's call log.
    `x-ferry-wait: 60` held open on the one api process; memory per waiting poll = (api VmRSS
    with every poll waiting, by its `ferry_long_polls_waiting` gauge, − before) / polls; then 2
    workers start and each poll's answer time (client clock) − its job's `completed_at`.
-8. *Batches* (`--only batches`): 200 single async jobs at 20/s on idle workers; one batch of
-   100,000 small requests created with no worker running (client time to the answer; api
-   VmHWM, reset through `/proc/PID/clear_refs` just before, minus VmRSS then); 2 workers
-   started, the same 200 single jobs submitted meanwhile (their `completed_at − submitted_at`
-   against the idle run: the batch's own lane at work); requests/s from the jobs table; the
-   results JSONL read back; then one create of ~250 MB (100,000 requests of 2.5 KB), time and
-   api peak memory, canceled afterwards.
+8. *Batches* (`--only batches`): 200 single async jobs and 200 sync requests, each at 20/s,
+   on idle workers; one batch of 100,000 small requests created with no worker running
+   (client time to the answer; api VmHWM, reset through `/proc/PID/clear_refs` just before,
+   minus VmRSS then); 2 workers started, the same single jobs and sync requests sent meanwhile
+   (async: `completed_at − submitted_at`; sync: client send to answer; against the idle run:
+   the batch's own lane at work); requests/s from the jobs table; the results JSONL read back;
+   then one create of ~250 MB (100,000 requests of 2.5 KB), time and api peak memory,
+   canceled afterwards.
 9. *Peer* (`--peer litellm`): LiteLLM's proxy (`litellm --config … --num_workers 2`, in
    `bench/.peer-venv`) with one model mapped to `anthropic/<model>` at the fake provider, a
    master key (it refuses to start without one) and no database; scenarios 1 and 2 are run

@@ -1,9 +1,9 @@
 """Scenario: Message Batches. One batch of 100,000 small requests: how long create takes and
 what it costs the api in memory, how fast 2 workers run it, how long its JSONL results take to
-stream; meanwhile single async jobs go through their own lane, timed against the same jobs on
-idle workers. Then one create of about 250 MB (100,000 requests of 2.5 KB each), to show the
-api's memory does not grow with the body: it is read, parsed and copied into PostgreSQL as it
-arrives, never held whole.
+stream; meanwhile single async jobs and sync requests go through their own lanes, timed
+against the same on idle workers. Then one create of about 250 MB (100,000 requests of 2.5 KB
+each), to show the api's memory does not grow with the body: it is read, parsed and copied
+into PostgreSQL as it arrives, never held whole.
 
 The api's peak memory is its VmHWM after `clear_refs` reset it to the resident set just
 before the create; create time is the client's, from the first byte sent to the answer; batch
@@ -26,7 +26,7 @@ from bench.stack import MODEL, async_headers, ferry_headers, sync_body
 
 BATCHES = "/anthropic/v1/messages/batches"
 LARGE_PAD = 2400  # bytes of prompt per request in the large create: ~250 MB for 100,000
-SINGLES = 200  # single async jobs submitted during the batch (and on idle workers)
+SINGLES = 200  # single async jobs, and sync requests, sent during the batch (and when idle)
 SINGLES_RATE = 20.0  # per second
 
 
@@ -110,6 +110,29 @@ async def _singles(b: Bench, http: aiohttp.ClientSession, label: str) -> list[fl
     return latencies
 
 
+async def _syncs(b: Bench, http: aiohttp.ClientSession, label: str) -> list[float]:
+    """SINGLES sync requests at SINGLES_RATE/s: each one's client-side latency in seconds,
+    sorted."""
+    latencies: list[float] = []
+
+    async def send(i: int) -> None:
+        started = time.monotonic()
+        async with http.post(f"{b.stack.api_url}/anthropic/v1/messages",
+                             data=sync_body(f"sync {label} {i}"),
+                             headers=ferry_headers()) as response:
+            await response.read()
+            if response.status != 200:
+                raise BenchError(f"a sync request answered {response.status}")
+        latencies.append(time.monotonic() - started)
+
+    tasks = []
+    for i in range(SINGLES):
+        tasks.append(asyncio.create_task(send(i)))
+        await asyncio.sleep(1 / SINGLES_RATE)
+    await asyncio.gather(*tasks)
+    return sorted(latencies)
+
+
 def _pct(sorted_s: list[float], pct: float) -> float | None:
     if not sorted_s:
         return None
@@ -125,9 +148,10 @@ async def run_batches(b: Bench) -> None:
     timeout = aiohttp.ClientTimeout(total=1800)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         # Single async jobs on idle workers: the baseline.
-        await b.stack.start_workers(2, wait_interactive=False)
-        progress(f"{scenario}: {SINGLES} single async jobs on idle workers")
-        idle = await _singles(b, http, "idle")
+        await b.stack.start_workers(2)
+        progress(f"{scenario}: {SINGLES} single async jobs and sync requests on idle workers")
+        idle, idle_sync = await asyncio.gather(_singles(b, http, "idle"),
+                                               _syncs(b, http, "idle"))
         b.stack.stop_workers()
         await b.reset()
 
@@ -145,11 +169,13 @@ async def run_batches(b: Bench) -> None:
                         f"+{peak - before:.0f} MiB", load, "",
                         f"api VmHWM (reset before) {peak:.0f} MiB vs VmRSS {before:.0f} MiB")
 
-        progress(f"{scenario}: starting 2 workers; {SINGLES} single async jobs meanwhile")
+        progress(f"{scenario}: starting 2 workers; {SINGLES} single async jobs and sync "
+                 "requests meanwhile")
         started = time.monotonic()
-        await b.stack.start_workers(2, wait_interactive=False)
+        await b.stack.start_workers(2)
         await asyncio.sleep(3)  # the batch lane busy before the single jobs arrive
-        during = await _singles(b, http, "during")
+        during, during_sync = await asyncio.gather(_singles(b, http, "during"),
+                                                   _syncs(b, http, "during"))
         ended = await _wait_ended(http, b, str(batch["id"]), timeout_s=1500)
         wall = time.monotonic() - started
         span = await b.db.batch_span()
@@ -165,6 +191,11 @@ async def run_batches(b: Bench) -> None:
                         f"{SINGLES} async jobs at {SINGLES_RATE:g}/s", "",
                         "completed_at − submitted_at; the batch runs on its own lane "
                         "(FERRY_BATCH_CONCURRENCY per worker)")
+        b.report.figure(scenario, "sync request latency p50 / p99: idle vs during batch",
+                        f"{fmt_ms(_pct(idle_sync, 50))} / {fmt_ms(_pct(idle_sync, 99))} ms vs "
+                        f"{fmt_ms(_pct(during_sync, 50))} / {fmt_ms(_pct(during_sync, 99))} ms",
+                        f"{SINGLES} sync requests at {SINGLES_RATE:g}/s beside the async jobs",
+                        "", "client clock, send to answer")
 
         results_started = time.monotonic()
         lines = 0
