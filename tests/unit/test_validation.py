@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from typing import Any
 
 import orjson
 import pytest
 
+from api import validation
 from api.headers import forwarded_headers, idempotency_key, parse_async_flag, parse_ttl
 from api.validation import MAX_MODEL_BYTES, BodyChecker, RequestFacts, inspect_body
 from shared.errors import InvalidRequest
@@ -168,6 +171,32 @@ async def test_a_large_body_is_checked_off_the_event_loop() -> None:
     assert ticks > 1  # the loop kept running while the helper process parsed
     assert isinstance(bad[0], InvalidRequest)
     assert bad[0].message == "request body must be a JSON object (a Messages request)"
+
+
+async def test_a_helper_that_does_not_start_in_time_leaves_the_checks_to_the_api(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(validation, "WARM_UP_TIMEOUT_S", 0.0)  # no process starts in 0 s
+    body = orjson.dumps(req(messages=user(*[{"type": "text", "text": "x"}] * 200)))
+    checker = BodyChecker(offload_bytes=1024)
+    async with checker.running():
+        assert checker._pool is None
+        assert await checker.check(body) == RequestFacts("claude-test", False)
+        with pytest.raises(InvalidRequest):
+            await checker.check(b"[" + b" " * 2048 + b"]")
+
+
+async def test_a_helper_that_dies_leaves_the_checks_to_the_api() -> None:
+    body = orjson.dumps(req(messages=user(*[{"type": "text", "text": "x"}] * 200)))
+    checker = BodyChecker(offload_bytes=1024)
+    async with checker.running():
+        pool = checker._pool
+        assert pool is not None
+        for process in list(pool._processes.values()):  # type: ignore[attr-defined]
+            os.kill(process.pid, signal.SIGKILL)
+            process.join()
+        assert await checker.check(body) == RequestFacts("claude-test", False)
+        assert checker._pool is None
+        assert await checker.check(body) == RequestFacts("claude-test", False)
 
 
 # --- headers ---------------------------------------------------------------------------------
