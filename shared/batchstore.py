@@ -16,6 +16,7 @@ from datetime import datetime
 
 import asyncpg
 
+from shared.jobs import parse_prefixed_id
 from shared.store import Store, _translated
 
 BATCH_ID_PREFIX = "msgbatch_"
@@ -36,13 +37,7 @@ def format_batch_id(batch_id: uuid.UUID) -> str:
 
 
 def parse_batch_id(text: str) -> uuid.UUID | None:
-    text = text.strip()
-    if not text.startswith(BATCH_ID_PREFIX) or len(text) != len(BATCH_ID_PREFIX) + 32:
-        return None
-    try:
-        return uuid.UUID(hex=text[len(BATCH_ID_PREFIX):])
-    except ValueError:
-        return None
+    return parse_prefixed_id(text, BATCH_ID_PREFIX)
 
 
 @dataclass(frozen=True, slots=True)

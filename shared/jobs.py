@@ -39,11 +39,16 @@ def format_job_id(job_id: uuid.UUID) -> str:
 
 def parse_job_id(text: str) -> uuid.UUID | None:
     """The uuid inside a job id as clients see it, or None if it is not one of ours."""
+    return parse_prefixed_id(text, JOB_ID_PREFIX)
+
+
+def parse_prefixed_id(text: str, prefix: str) -> uuid.UUID | None:
+    """The uuid inside `prefix` + 32 hex digits, or None if `text` is not that."""
     text = text.strip()
-    if not text.startswith(JOB_ID_PREFIX) or len(text) != len(JOB_ID_PREFIX) + 32:
+    if not text.startswith(prefix) or len(text) != len(prefix) + 32:
         return None
     try:
-        return uuid.UUID(hex=text[len(JOB_ID_PREFIX):])
+        return uuid.UUID(hex=text[len(prefix):])
     except ValueError:
         return None
 
