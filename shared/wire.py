@@ -390,6 +390,13 @@ class ErrorDetail(BaseModel):
     type: str
     message: str
 
+    @field_validator("message")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        """A message may quote a client's bytes that were not UTF-8 (a header read with
+        surrogate escapes): show them as escapes rather than fail the error answer itself."""
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 class ErrorEnvelope(BaseModel):
     type: Literal["error"] = "error"
