@@ -35,11 +35,20 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now and never handed out before in this run: the kernel may offer a
+    just-closed port again, and two services of one stack (chosen before either binds) would
+    then share it."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def request_body(text: str, *, model: str = MODEL, max_tokens: int = 64,
