@@ -192,13 +192,7 @@ class Worker:
             log.error("undecodable job message, dead-lettering", error=str(exc))
             await settle(message.reject(requeue=False))
             return
-        job = self._jobs.get(envelope.job_id)
-        if job is not None:
-            job.messages.append(message)
-            return
-        job = _Job(time.monotonic(), [message])
-        self._jobs[envelope.job_id] = job
-        job.task = self._spawn(self._handle(job, envelope))
+        self._take(envelope.job_id, message, lambda job: self._handle(job, envelope))
 
     async def _on_batch_message(self, message: AbstractIncomingMessage) -> None:
         """A batch request's message names the job; the request itself is read from the
@@ -209,13 +203,19 @@ class Worker:
             log.error("undecodable batch message, dead-lettering", error=str(exc))
             await settle(message.reject(requeue=False))
             return
+        self._take(job_id, message, lambda job: self._handle_batch(job, job_id), "batch")
+
+    def _take(self, job_id: uuid.UUID, message: AbstractIncomingMessage,
+              run: Callable[[_Job], Coroutine[Any, Any, None]], lane: str = "async") -> None:
+        """Run a job a message is about, unless it already runs here: then the message joins
+        it (a redelivery), to be settled with it."""
         job = self._jobs.get(job_id)
         if job is not None:
             job.messages.append(message)
             return
         job = _Job(time.monotonic(), [message])
         self._jobs[job_id] = job
-        job.task = self._spawn(self._handle_batch(job, job_id), "batch")
+        job.task = self._spawn(run(job), lane)
 
     async def _handle_batch(self, job: _Job, job_id: uuid.UUID) -> None:
         action: Settle = "ack"
