@@ -598,12 +598,6 @@ class Broker:
     async def jobs_queue_depth(self) -> int:
         return (await self.queue_depths())["async"]
 
-    async def batch_queue_depth(self) -> int:
-        return (await self.queue_depths())["batch"]
-
-    async def webhooks_queue_depth(self) -> int:
-        return (await self.queue_depths())["webhooks"]
-
     async def delete_topology(self) -> None:
         """Remove every queue and exchange of this namespace (tests clean up with it)."""
         connection = self._link.connection

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -80,16 +79,18 @@ class Reconciler:
             expired = await self._store.recover_expired_leases(s.lease_s / 3, BATCH)
             overdue = await self._store.release_overdue_parked(
                 max(60.0, s.reconcile_interval_s * 2), BATCH)
+            # A pending row published long ago lost its message only if its lane's queue
+            # has nothing waiting.
+            idle = await self._idle_lanes()
             stale: list[uuid.UUID] = []
-            if await self._jobs_queue_empty():
-                stale = await self._store.release_stale_pending(s.republish_after_s, BATCH)
-            if await self._queue_empty(self._broker.batch_queue_depth):
-                stale += await self._store.release_stale_pending(s.republish_after_s, BATCH,
-                                                                 mode="batch")
+            for lane in ("async", "batch"):
+                if lane in idle:
+                    stale += await self._store.release_stale_pending(
+                        s.republish_after_s, BATCH, mode=lane)
             released = expired + overdue + stale
             republished = await self._publish(await self._store.messages(released))
             republished += await self._republish_unpublished(s.outbox_grace_s)
-            webhooks = await self._reconcile_webhooks()
+            webhooks = await self._reconcile_webhooks("webhooks" in idle)
             batches_expired = await self._batches.expire_due(BATCH * 10)
             batches_ended = await self._batches.close_ended(BATCH)
         done = {"expired_leases": len(expired), "overdue_parked": len(overdue),
@@ -102,13 +103,14 @@ class Reconciler:
                 self._metrics.reconciled.labels(what).inc(count)
         return done
 
-    async def _reconcile_webhooks(self) -> int:
-        """Deliveries never published, overdue from a delay tier, or lost: published again.
-        Returns how many were published."""
+    async def _reconcile_webhooks(self, queue_idle: bool) -> int:
+        """Deliveries never published, overdue from a delay tier, or lost (only looked for
+        when the webhooks queue has nothing waiting): published again. Returns how many were
+        published."""
         s = self._settings
         store = self._webhooks
         ids = await store.release_overdue(max(60.0, s.reconcile_interval_s * 2), BATCH)
-        if await self._queue_empty(self._broker.webhooks_queue_depth):
+        if queue_idle:
             ids += await store.release_stale(s.republish_after_s, BATCH)
         ids += await store.unpublished(s.outbox_grace_s, BATCH)
         published: list[uuid.UUID] = []
@@ -124,14 +126,13 @@ class Reconciler:
             await store.mark_published(published)
         return len(published)
 
-    async def _queue_empty(self, depth: Callable[[], Awaitable[int]]) -> bool:
+    async def _idle_lanes(self) -> set[str]:
+        """The lanes whose queue has nothing waiting (none while the broker is away)."""
         try:
-            return await depth() == 0
+            depths = await self._broker.queue_depths()
         except Unavailable:
-            return False
-
-    async def _jobs_queue_empty(self) -> bool:
-        return await self._queue_empty(self._broker.jobs_queue_depth)
+            return set()
+        return {lane for lane, depth in depths.items() if depth == 0}
 
     async def _republish_unpublished(self, grace_s: float) -> int:
         """Jobs committed but never confirmed by the broker (the api stopped in between)."""

@@ -77,6 +77,6 @@ async def test_the_reconciler_publishes_a_batch_only_once_its_publisher_stalls(
                              " AND published_at IS NULL", batch_id) == 0
 
     async def queued() -> bool:
-        return await broker.batch_queue_depth() == 2
+        return (await broker.queue_depths())["batch"] == 2
 
     await eventually(queued, timeout=10, what="the two requests on the batch lane")
