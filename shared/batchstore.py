@@ -17,7 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from shared.jobs import parse_prefixed_id
-from shared.store import Store, _translated
+from shared.store import Store, _count, _translated
 
 BATCH_ID_PREFIX = "msgbatch_"
 COPY_ROWS = 1000
@@ -254,13 +254,8 @@ class BatchStore:
                 " WHERE id = $1 AND caller_hash = $2 AND ended_at IS NULL RETURNING id",
                 batch_id, caller_hash)
             if row is not None:
-                await conn.execute(
-                    "WITH canceled AS (UPDATE jobs SET status = 'canceled', completed_at = now(),"
-                    " expires_at = now() + make_interval(secs => ttl_seconds),"
-                    " lease_until = NULL, not_before = NULL"
-                    " WHERE batch_id = $1 AND status = 'pending' RETURNING id)"
-                    " DELETE FROM job_payloads WHERE job_id IN (SELECT id FROM canceled)",
-                    batch_id)
+                await conn.execute(_end_unstarted(
+                    "canceled", "batch_id = $1 AND status = 'pending'"), batch_id)
             row = await conn.fetchrow(
                 f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1 AND caller_hash = $2",
                 batch_id, caller_hash)
@@ -283,15 +278,11 @@ class BatchStore:
     async def expire_due(self, limit: int) -> int:
         """Requests of batches past their expiry that never started end `expired`."""
         async with self._store._conn() as conn:
-            status = await conn.execute(
-                "WITH expired AS (UPDATE jobs SET status = 'expired', completed_at = now(),"
-                " expires_at = now() + make_interval(secs => ttl_seconds),"
-                " lease_until = NULL, not_before = NULL WHERE id IN ("
-                " SELECT j.id FROM batches b JOIN jobs j ON j.batch_id = b.id"
+            status = await conn.execute(_end_unstarted(
+                "expired", "id IN (SELECT j.id FROM batches b JOIN jobs j ON j.batch_id = b.id"
                 " WHERE b.ended_at IS NULL AND b.expires_at <= now() AND j.status = 'pending'"
-                " LIMIT $1 FOR UPDATE OF j SKIP LOCKED) RETURNING id)"
-                " DELETE FROM job_payloads WHERE job_id IN (SELECT id FROM expired)", limit)
-        return int(status.split()[-1])
+                " LIMIT $1 FOR UPDATE OF j SKIP LOCKED)"), limit)
+        return _count(status)
 
     async def close_ended(self, limit: int) -> int:
         """Write the final counts of batches whose requests have all ended."""
@@ -312,7 +303,16 @@ class BatchStore:
                 "DELETE FROM batches WHERE id IN (SELECT id FROM batches"
                 " WHERE created_at < now() - make_interval(secs => $1)"
                 " LIMIT $2 FOR UPDATE SKIP LOCKED)", float(retention_s), batch)
-        return int(status.split()[-1])
+        return _count(status)
+
+
+def _end_unstarted(status: str, where: str) -> str:
+    """SQL ending the pending requests `where` selects as `status` (canceled or expired): a
+    final row with its result's expiry, and no payload left to run."""
+    return (f"WITH ended AS (UPDATE jobs SET status = '{status}', completed_at = now(),"
+            " expires_at = now() + make_interval(secs => ttl_seconds),"
+            f" lease_until = NULL, not_before = NULL WHERE {where} RETURNING id)"
+            " DELETE FROM job_payloads WHERE job_id IN (SELECT id FROM ended)")
 
 
 async def _view(conn: asyncpg.Connection, row: asyncpg.Record) -> BatchView:
