@@ -21,6 +21,13 @@ def fmt_ms(value: float | None) -> str:
     return f"{value:.2f}"
 
 
+def pct_ms(sorted_s: list[float], pct: float) -> float | None:
+    """The `pct` percentile (nearest rank) of ascending seconds, in ms; None if empty."""
+    if not sorted_s:
+        return None
+    return sorted_s[min(len(sorted_s) - 1, round(pct / 100 * (len(sorted_s) - 1)))] * 1000
+
+
 def fmt_rate(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 
 from bench.context import Bench
 from bench.procs import BenchError, peak_rss_mib, progress, rss_mib
-from bench.report import fmt_ms, fmt_rate
+from bench.report import fmt_ms, fmt_rate, pct_ms
 from bench.stack import MODEL, async_headers, ferry_headers, sync_body
 
 BATCHES = "/anthropic/v1/messages/batches"
@@ -94,11 +96,7 @@ async def _singles(b: Bench, http: aiohttp.ClientSession, label: str) -> list[fl
                 raise BenchError(f"single async submit answered {response.status}: {data}")
             ids.append(data["id"])
 
-    tasks = []
-    for i in range(SINGLES):
-        tasks.append(asyncio.create_task(submit(i)))
-        await asyncio.sleep(1 / SINGLES_RATE)
-    await asyncio.gather(*tasks)
+    await _paced(submit)
     deadline = time.monotonic() + 120
     while True:
         latencies = await b.db.async_latencies()
@@ -125,18 +123,17 @@ async def _syncs(b: Bench, http: aiohttp.ClientSession, label: str) -> list[floa
                 raise BenchError(f"a sync request answered {response.status}")
         latencies.append(time.monotonic() - started)
 
-    tasks = []
+    await _paced(send)
+    return sorted(latencies)
+
+
+async def _paced(send: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """`send(i)` for SINGLES values of i, one every 1/SINGLES_RATE s; until all have ended."""
+    tasks: list[asyncio.Task[None]] = []
     for i in range(SINGLES):
         tasks.append(asyncio.create_task(send(i)))
         await asyncio.sleep(1 / SINGLES_RATE)
     await asyncio.gather(*tasks)
-    return sorted(latencies)
-
-
-def _pct(sorted_s: list[float], pct: float) -> float | None:
-    if not sorted_s:
-        return None
-    return sorted_s[min(len(sorted_s) - 1, round(pct / 100 * (len(sorted_s) - 1)))] * 1000
 
 
 async def run_batches(b: Bench) -> None:
@@ -186,14 +183,14 @@ async def run_batches(b: Bench) -> None:
                         f"succeeded requests / (last completed_at − first started_at); "
                         f"counts {counts}; workers started → ended seen: {wall:.0f} s")
         b.report.figure(scenario, "single async job latency p50 / p99: idle vs during batch",
-                        f"{fmt_ms(_pct(idle, 50))} / {fmt_ms(_pct(idle, 99))} ms vs "
-                        f"{fmt_ms(_pct(during, 50))} / {fmt_ms(_pct(during, 99))} ms",
+                        f"{fmt_ms(pct_ms(idle, 50))} / {fmt_ms(pct_ms(idle, 99))} ms vs "
+                        f"{fmt_ms(pct_ms(during, 50))} / {fmt_ms(pct_ms(during, 99))} ms",
                         f"{SINGLES} async jobs at {SINGLES_RATE:g}/s", "",
                         "completed_at − submitted_at; the batch runs on its own lane "
                         "(FERRY_BATCH_CONCURRENCY per worker)")
         b.report.figure(scenario, "sync request latency p50 / p99: idle vs during batch",
-                        f"{fmt_ms(_pct(idle_sync, 50))} / {fmt_ms(_pct(idle_sync, 99))} ms vs "
-                        f"{fmt_ms(_pct(during_sync, 50))} / {fmt_ms(_pct(during_sync, 99))} ms",
+                        f"{fmt_ms(pct_ms(idle_sync, 50))} / {fmt_ms(pct_ms(idle_sync, 99))} ms vs "
+                        f"{fmt_ms(pct_ms(during_sync, 50))} / {fmt_ms(pct_ms(during_sync, 99))} ms",
                         f"{SINGLES} sync requests at {SINGLES_RATE:g}/s beside the async jobs",
                         "", "client clock, send to answer")
 

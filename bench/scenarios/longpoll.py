@@ -13,7 +13,7 @@ import aiohttp
 
 from bench.context import Bench
 from bench.procs import BenchError, progress, rss_mib
-from bench.report import fmt_ms
+from bench.report import fmt_ms, pct_ms
 from bench.scenarios.jobs import _submit, _wait
 from bench.stack import ferry_headers
 
@@ -68,7 +68,7 @@ async def run_longpoll(b: Bench) -> None:
                     load, f"{open_s:.1f} s to open", f"api VmRSS {before:.0f} MiB before, "
                     f"{during:.0f} MiB with {waiting} polls waiting (ferry_long_polls_waiting)")
     b.report.figure(scenario, "job end → poll answered p50 / p99 / max",
-                    f"{fmt_ms(_pct(delays, 50))} / {fmt_ms(_pct(delays, 99))} / "
+                    f"{fmt_ms(pct_ms(delays, 50))} / {fmt_ms(pct_ms(delays, 99))} / "
                     f"{fmt_ms(delays[-1] * 1000 if delays else None)} ms", load, "",
                     "poll client's time.time() at the answer − the job's completed_at; "
                     f"{completed} of {len(ids)} answered completed, "
@@ -97,9 +97,3 @@ async def _wait_for_waiters(b: Bench, count: int, polls: list[asyncio.Task[None]
             await asyncio.sleep(2)
     return waiting
 
-
-def _pct(sorted_s: list[float], pct: float) -> float | None:
-    if not sorted_s:
-        return None
-    index = min(len(sorted_s) - 1, round(pct / 100 * (len(sorted_s) - 1)))
-    return sorted_s[index] * 1000
