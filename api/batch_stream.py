@@ -196,7 +196,7 @@ class BatchParser:
         if self.count >= self._max_requests:
             raise InvalidRequest(f"requests: at most {self._max_requests} requests in a batch")
         if self._text[i] != "{":
-            _, end = self._scan(i)  # a whole value, so the error names the right thing
+            self._scan(i)  # the whole value first: a JSON fault in it is the error to name
             raise InvalidRequest(f"{where}: must be an object with custom_id and params")
         members: dict[str, tuple[Any, int, int]] = {}
         j = self._skip(i + 1)
