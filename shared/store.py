@@ -530,18 +530,16 @@ class Store:
                                     mode: Mode = "async") -> list[uuid.UUID]:
         """Pending jobs of a lane (`async` or `batch`) published long ago and never picked up
         (their message was lost: the caller checked that lane's queue is empty)."""
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                "UPDATE jobs SET published_at = NULL WHERE id IN ("
-                " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
-                " AND mode = $3 AND published_at < now() - make_interval(secs => $1)"
-                " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id",
-                float(older_than_s), limit, mode)
-        return [r["id"] for r in rows]
+        return await self._release(
+            "UPDATE jobs SET published_at = NULL WHERE id IN ("
+            " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
+            " AND mode = $3 AND published_at < now() - make_interval(secs => $1)"
+            " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", older_than_s, limit, mode)
 
-    async def _release(self, sql: str, seconds: float, limit: int) -> list[uuid.UUID]:
+    async def _release(self, sql: str, seconds: float, limit: int,
+                       *more: object) -> list[uuid.UUID]:
         async with self._conn() as conn:
-            return [r["id"] for r in await conn.fetch(sql, float(seconds), limit)]
+            return [r["id"] for r in await conn.fetch(sql, float(seconds), limit, *more)]
 
     async def messages(self, ids: list[uuid.UUID]) -> list[StoredMessage]:
         """The stored messages of these jobs (those still unfinished)."""
