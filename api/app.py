@@ -83,6 +83,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
+async def _admission_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with app[ADMISSION].probing():
+        yield
+
+
 async def _checker_ctx(app: web.Application) -> AsyncIterator[None]:
     async with app[CHECKER].running():
         yield
@@ -161,6 +166,7 @@ async def _fetch_models(request: web.Request) -> bytes:
         job_id=new_job_id(), model="models", body=b"", mode="sync", operation="models",
         request_id=request.get(REQUEST_ID_KEY), reply_to=request.app[REPLIES].reply_to,
         pickup_deadline=time.time() + settings.pickup_timeout_s)
+    request.app[ADMISSION].admit()
     response = await serve_interactive(request, envelope)
     if response.status != 200 or not isinstance(response, web.Response) or \
             response.body is None:
@@ -192,9 +198,13 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics = Metrics()
     metrics.known_models = providers.known_models()
     app[CHECKER] = BodyChecker(settings.parse_offload_bytes)
-    app[ADMISSION] = Admission(settings.admission_wait_s)
+    app[ADMISSION] = Admission(target_s=settings.admission_target_s,
+                               interval_s=settings.admission_interval_s,
+                               max_wait_s=settings.admission_wait_s,
+                               max_in_flight=settings.admission_max_in_flight)
     app[CATALOG] = ModelCatalog(providers, metrics)
     app.on_response_prepare.append(no_banner)
+    app.cleanup_ctx.append(_admission_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_checker_ctx)
     app.cleanup_ctx.append(_broker_ctx)

@@ -35,17 +35,18 @@ class _Timeout(FerryError):
 
 
 async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.StreamResponse:
+    """Serve an interactive request the caller has admitted (api/admission.py)."""
     settings = request.app[SETTINGS]
     broker = request.app[BROKER]
     replies = request.app[REPLIES]
     admission = request.app[ADMISSION]
-    admission.admit()
     if not broker.is_connected:
         raise Unavailable(BROKER_LOST)
     started = time.monotonic()
     job_id = envelope.job_id
     inbox = replies.open(job_id)
     admission.published(job_id)
+    admission.in_flight += 1
     completed = False  # the worker said it is done: nothing to cancel
     try:
         await broker.publish_interactive(envelope)
@@ -67,6 +68,7 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
         completed = True
         return _final(request, reply)
     finally:
+        admission.in_flight -= 1
         admission.settled(job_id)
         replies.close(job_id)
         if not completed:

@@ -25,6 +25,7 @@ from api.headers import (
 from api.interactive import serve_interactive
 from api.responses import json_bytes, json_response
 from api.state import (
+    ADMISSION,
     GATE,
     LIMITER,
     MODE,
@@ -70,9 +71,16 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     if poll_id is not None:
         request[MODE] = "poll"
         return await poll_job(request, await authenticate(request), poll_id)
+    admission = request.app[ADMISSION]
+    if headers.get(ASYNC) is None:
+        # Sync or stream: refused under overload before anything else is spent on it.
+        request[MODE] = "interactive"
+        admission.admit()
     request[MODE] = "invalid"  # until the request has been read and checked
     principal = await authenticate(request)
     is_async = parse_async_flag(headers.get(ASYNC))
+    if not is_async and headers.get(ASYNC) is not None:
+        admission.admit()
     webhook = webhook_name(headers.get(WEBHOOK))
     if webhook is not None and not is_async:
         raise InvalidRequest(f"{WEBHOOK} is for async jobs: send it with {ASYNC}: true")
@@ -102,6 +110,8 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
+    request[MODE] = "count_tokens"
+    request.app[ADMISSION].admit()
     request[MODE] = "invalid"
     principal = await authenticate(request)
     inbound = await read_inbound(request, count_tokens=True)

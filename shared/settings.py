@@ -134,9 +134,16 @@ class Settings(BaseSettings):
         10_000, ge=1, validation_alias=_env("FERRY_INTERACTIVE_MAX_QUEUED")
     )
     ping_interval_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PING_INTERVAL"))
-    # Admission: once the oldest sync/stream request still waiting for a worker has waited
-    # this long, new ones are refused at once with 529 instead of queueing behind it.
+    # Admission (api/admission.py): new sync/stream requests are refused with 529 once the
+    # estimated queueing delay (event-loop lag, oldest request no worker answered) has stayed
+    # above the target for an interval; at once past the wait, or past the in-flight cap.
+    admission_target_s: float = Field(
+        0.02, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+    admission_interval_s: float = Field(
+        0.1, gt=0, validation_alias=_env("FERRY_ADMISSION_INTERVAL"))
     admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))
+    admission_max_in_flight: int = Field(
+        4096, ge=1, validation_alias=_env("FERRY_ADMISSION_MAX_IN_FLIGHT"))
 
     # Results
     result_ttl_default_s: int = Field(3600, ge=0, validation_alias=_env("FERRY_RESULT_TTL"))
@@ -264,7 +271,8 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
                "FERRY_QUEUE_MAX_LENGTH", "FERRY_INTERACTIVE_MAX_QUEUED"),
     "api": ("FERRY_HOST", "FERRY_PORT", "FERRY_MAX_BODY", "FERRY_BODY_TIMEOUT",
             "FERRY_PARSE_OFFLOAD_BYTES", "FERRY_PICKUP_TIMEOUT", "FERRY_REQUEST_TIMEOUT",
-            "FERRY_STREAM_IDLE_TIMEOUT", "FERRY_PING_INTERVAL", "FERRY_ADMISSION_WAIT",
+            "FERRY_STREAM_IDLE_TIMEOUT", "FERRY_PING_INTERVAL", "FERRY_ADMISSION_TARGET",
+            "FERRY_ADMISSION_INTERVAL", "FERRY_ADMISSION_WAIT", "FERRY_ADMISSION_MAX_IN_FLIGHT",
             "FERRY_STATS_INTERVAL", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
     "auth": ("FERRY_AUTH", "FERRY_ADMIN_KEY"),
     "results": ("FERRY_RESULT_TTL", "FERRY_RESULT_TTL_MAX"),
