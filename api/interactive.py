@@ -1,10 +1,11 @@
 """Sync and streaming requests: publish to the interactive lane, relay the worker's replies.
 
-The api never calls a provider. It waits (bounded) for a worker to say it started, then relays
-the message, or each stream event as it arrives, to the client, with the provider's response
-headers. Every way this can go wrong ends the client's request at once with Anthropic's error
-envelope (or an `error` event once a stream has begun), and tells the worker to stop: a lost
-broker connection, a worker that goes quiet, a deadline.
+The api never calls a provider. It waits (bounded) for a worker's first reply (the answer
+itself, or "started" for a request that takes longer), then relays the message, or each
+stream event as it arrives, to the client, with the provider's response headers. Every way
+this can go wrong ends the client's request at once with Anthropic's error envelope (or an
+`error` event once a stream has begun), and tells the worker to stop: a lost broker
+connection, a worker that goes quiet, a deadline.
 """
 
 from __future__ import annotations
@@ -55,14 +56,18 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
         if first is None:
             raise Overloaded(f"no worker took the request within {settings.pickup_timeout_s:g} s;"
                              " retry later", headers={"retry-after": "1"})
-        if first.kind != "started":
+        # A worker sends "started" only for a request it is still serving moments later;
+        # otherwise its first reply is already the answer (or a stream's first event).
+        if first.kind in ("message", "error"):
             completed = True
             return _final(request, first)
+        early = None if first.kind == "started" else first
         deadline = started + settings.request_timeout_s
         if envelope.stream:
-            response, completed = await _relay_stream(request, inbox, settings, deadline)
+            response, completed = await _relay_stream(request, inbox, settings, deadline,
+                                                      early)
             return response
-        reply = await _next(inbox, deadline - time.monotonic())
+        reply = early or await _next(inbox, deadline - time.monotonic())
         if reply is None:
             raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
         completed = True
@@ -101,11 +106,14 @@ def _headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 
 async def _relay_stream(request: web.Request, inbox: asyncio.Queue[Reply], settings: Settings,
-                        deadline: float) -> tuple[web.StreamResponse, bool]:
-    """Hold the status line until the first event, so a provider error before any output is
-    still a proper HTTP error; then write each event as it comes. Returns the response and
-    whether the worker finished (False: Ferry ended the stream, so the worker must stop)."""
-    reply = await _next(inbox, min(settings.stream_idle_timeout_s, deadline - time.monotonic()))
+                        deadline: float, first: Reply | None
+                        ) -> tuple[web.StreamResponse, bool]:
+    """Hold the status line until the first event (`first`, if it came already), so a
+    provider error before any output is still a proper HTTP error; then write each event as
+    it comes. Returns the response and whether the worker finished (False: Ferry ended the
+    stream, so the worker must stop)."""
+    reply = first or await _next(inbox, min(settings.stream_idle_timeout_s,
+                                            deadline - time.monotonic()))
     if reply is None:
         raise _Timeout("the provider sent nothing in time")
     if reply.kind != "event":

@@ -44,6 +44,10 @@ log = get_logger("ferry.worker")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 _REPLY_RECONNECT_WAIT_S = 5.0
+# The api learns a worker took its request from the first reply. Most answers (a fast
+# provider, an early error, a stream's first event) come sooner than this, and then say it
+# themselves; a separate "started" goes out only for a request still running after it.
+STARTED_AFTER_S = 0.005
 
 
 class InteractiveRunner:
@@ -62,6 +66,9 @@ class InteractiveRunner:
         self._cancelled_by_client: set[str] = set()
         # Cancels for requests this worker has not started (yet): honoured on pickup.
         self._cancelled_early: dict[str, float] = {}
+        # Requests not yet announced to the api: their "started" timer, then its publish.
+        self._unannounced: dict[str, asyncio.TimerHandle] = {}
+        self._announcing: dict[str, asyncio.Task[None]] = {}
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         correlation = message.correlation_id or ""
@@ -114,7 +121,9 @@ class InteractiveRunner:
 
     async def _serve(self, envelope: JobEnvelope) -> None:
         submitted = datetime.fromtimestamp(time.time(), UTC)
-        await self._reply(envelope, Reply(kind="started"))
+        key = envelope.job_id.hex
+        self._unannounced[key] = asyncio.get_running_loop().call_later(
+            STARTED_AFTER_S, self._announce, envelope)
         outcome = _Outcome()
         try:
             if envelope.operation == "models":
@@ -146,6 +155,9 @@ class InteractiveRunner:
                                                      "internal error in the worker",
                                                      envelope.request_id))
         finally:
+            timer = self._unannounced.pop(key, None)
+            if timer is not None:
+                timer.cancel()
             self._cancelled_by_client.discard(envelope.job_id.hex)
             log.info("request served", operation=envelope.operation, mode=envelope.mode,
                      status=outcome.http_status or 200, attempts=outcome.attempts.count,
@@ -194,7 +206,31 @@ class InteractiveRunner:
             await events.aclose()
         await self._reply(envelope, Reply(kind="end"))
 
+    def _announce(self, envelope: JobEnvelope) -> None:
+        key = envelope.job_id.hex
+        if self._unannounced.pop(key, None) is None:
+            return
+        task = asyncio.create_task(self._send_started(envelope))
+        self._announcing[key] = task
+        task.add_done_callback(lambda _: self._announcing.pop(key, None))
+
+    async def _send_started(self, envelope: JobEnvelope) -> None:
+        try:
+            await self._send(envelope, Reply(kind="started"))
+        except Exception as exc:  # the answer that follows meets the same fault, and says so
+            log.warning("could not tell the api a request started", error=str(exc))
+
     async def _reply(self, envelope: JobEnvelope, reply: Reply) -> None:
+        key = envelope.job_id.hex
+        timer = self._unannounced.pop(key, None)
+        if timer is not None:
+            timer.cancel()  # this reply tells the api a worker has the request
+        announcing = self._announcing.get(key)
+        if announcing is not None:
+            await asyncio.shield(announcing)  # "started" goes out first
+        await self._send(envelope, reply)
+
+    async def _send(self, envelope: JobEnvelope, reply: Reply) -> None:
         assert envelope.reply_to is not None
         try:
             await self._broker.publish_reply(self._broker.reply_channel(), envelope.reply_to,
