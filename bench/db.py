@@ -61,6 +61,10 @@ class BenchDB:
     async def reset(self) -> None:
         await self._conn.execute("TRUNCATE jobs, batches CASCADE")
 
+    async def forget_pacing(self) -> None:
+        """What workers learned of provider rate limits (migration 0007): a cold start."""
+        await self._conn.execute("DELETE FROM provider_pace")
+
     async def job_ids(self) -> list[uuid.UUID]:
         return [r["id"] for r in await self._conn.fetch("SELECT id FROM jobs")]
 

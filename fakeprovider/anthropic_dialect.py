@@ -123,7 +123,7 @@ class AnthropicDialect:
         if allowance is None:
             limits["requests"] = (NOMINAL_REQUESTS, NOMINAL_REQUESTS, 0.0)
         else:
-            limits["requests"] = (allowance.limit, allowance.remaining, allowance.reset_after)
+            limits["requests"] = (allowance.per_minute, allowance.remaining, allowance.reset_after)
         out = {"request-id": request_id}
         for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
             limit, remaining, reset_after = limits[kind]

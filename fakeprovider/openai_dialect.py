@@ -75,7 +75,7 @@ class OpenAIDialect:
         if allowance is None:
             requests = (NOMINAL_REQUESTS, NOMINAL_REQUESTS, 0.0)
         else:
-            requests = (allowance.limit, allowance.remaining, allowance.reset_after)
+            requests = (allowance.per_minute, allowance.remaining, allowance.reset_after)
         tokens = NOMINAL_TOKENS["tokens"]
         out = {
             "request-id": request_id,

@@ -140,6 +140,12 @@ class Allowance:
     reset_after: float
 
     @property
+    def per_minute(self) -> int:
+        """The limit the headers announce: requests per minute, as Anthropic and OpenAI state
+        theirs (the bucket refills at that rate; it holds `limit`)."""
+        return max(1, round(self.rate * 60))
+
+    @property
     def retry_after(self) -> int:
         return max(1, math.ceil(self.reset_after))
 

@@ -60,6 +60,12 @@ class Metrics:
         self.provider_seconds = Histogram("ferry_provider_call_seconds",
                                           "Provider call duration (streams: until first event)",
                                           ["provider"], buckets=_COARSE, registry=r)
+        self.provider_rate_limited = Counter(
+            "ferry_provider_rate_limited", "Provider answers of 429 (not counted as attempts)",
+            ["provider"], registry=r)
+        self.pace_wait_seconds = Histogram(
+            "ferry_pace_wait_seconds", "Time calls waited for their slot on a paced provider key",
+            ["provider"], buckets=_COARSE, registry=r)
         self.in_flight = Gauge("ferry_worker_in_flight", "Requests a worker is processing",
                                ["lane"], registry=r)
         # webhooks (labels: fixed sets, never an endpoint's name or URL)

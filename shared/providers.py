@@ -33,6 +33,12 @@ class KeyConfig(BaseModel):
 
     key: str = Field(min_length=1)
     weight: float = Field(1.0, gt=0)
+    # What the provider allows this key, if you know it (workers also learn it from the
+    # provider's rate-limit headers; the lower figure wins): requests and tokens per minute,
+    # and calls in flight at once (per worker process).
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    max_concurrency: int | None = Field(None, ge=1)
 
 
 class ProviderConfig(BaseModel):

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     inline_retry_max_s: float = Field(
         5.0, ge=0, validation_alias=_env("FERRY_INLINE_RETRY_MAX")
     )
+    # Pacing (worker/pacing.py): an async job waits in its worker for its turn on a provider
+    # key up to this long, and goes to a delay queue beyond it.
+    pace_horizon_s: float = Field(60.0, gt=0, validation_alias=_env("FERRY_PACE_HORIZON"))
+    # 429s in a row (not attempts) a request takes before its rate-limit error is final.
+    max_rate_limited: int = Field(10, ge=1, le=1000,
+                                  validation_alias=_env("FERRY_MAX_RATE_LIMITED"))
     provider_timeout_s: float = Field(600.0, gt=0, validation_alias=_env("FERRY_PROVIDER_TIMEOUT"))
     provider_max_attempts: int = Field(
         4, ge=1, le=20, validation_alias=_env("FERRY_PROVIDER_MAX_ATTEMPTS")

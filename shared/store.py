@@ -465,15 +465,17 @@ class Store:
             return Finished(delivery_id)
 
     async def park(self, job_id: uuid.UUID, worker_id: str, attempts: int,
-                   delay_s: float) -> None:
-        """Back to pending until its delayed retry is due; the calls made so far count."""
+                   delay_s: float, rate_limited: int = 0) -> None:
+        """Back to pending until its delayed retry is due; the calls made so far count (and
+        the 429s met, apart)."""
         async with self._conn() as conn:
             await conn.execute(
                 "UPDATE jobs SET status = 'pending', attempts = attempts + $3,"
+                " rate_limited = rate_limited + $5,"
                 " lease_until = NULL, published_at = now(),"
                 " not_before = now() + make_interval(secs => $4)"
                 " WHERE id = $1 AND worker_id = $2 AND status = 'processing'",
-                job_id, worker_id, attempts, float(delay_s))
+                job_id, worker_id, attempts, float(delay_s), rate_limited)
 
     async def release(self, job_id: uuid.UUID, worker_id: str, attempts: int) -> None:
         """Hand a job back (the worker is stopping): pending again, for the next worker."""

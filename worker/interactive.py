@@ -8,6 +8,7 @@ Anthropic's envelope): a failure in here is never a dead task and a waiting clie
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from worker.providers.base import (
     ProviderResponse,
     SSEEvent,
 )
-from worker.retry import Attempts
+from worker.retry import Attempts, Paced
 from worker.routing import ProviderSet, create_message
 from worker.usage import TokenMeter
 
@@ -137,7 +138,7 @@ class InteractiveRunner:
             await self._reply(envelope, Reply(
                 kind="error", status=exc.status, body=exc.to_json(envelope.request_id),
                 provider_seconds=outcome.provider_seconds,
-                headers=_error_headers(exc, outcome.attempts.count)))
+                headers=_error_headers(exc, outcome.attempts)))
         except asyncio.CancelledError:
             if envelope.job_id.hex in self._cancelled_by_client:
                 outcome.fail(499, "client_disconnected")
@@ -263,12 +264,15 @@ def _error_reply(status: int, error_type: str, message: str,
                  body=ErrorEnvelope.of(error_type, message, request_id).to_json())
 
 
-def _error_headers(exc: ProviderError, attempts: int) -> Headers:
+def _error_headers(exc: ProviderError, attempts: Attempts) -> Headers:
     """The provider's headers, and `x-should-retry: false` where a client retry would only
-    multiply attempts Ferry already made, or cannot help (a spend cap)."""
+    multiply calls Ferry already made, or cannot help (a spend cap). Ferry's own pacing
+    refusal says when to come back."""
     headers = list(exc.headers)
+    if isinstance(exc, Paced) and exc.retry_after is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
     retryable_status = exc.status in RETRYABLE_STATUSES or exc.status >= 500
-    if attempts > 1 or (retryable_status and not exc.retryable):
+    if attempts.count + attempts.limited > 1 or (retryable_status and not exc.retryable):
         headers.append(("x-should-retry", "false"))
     return tuple(headers)
 

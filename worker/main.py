@@ -14,10 +14,12 @@ from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import Metrics, metrics_server
 from shared.migrate import require_schema
+from shared.pacestore import PaceStore
 from shared.providers import ProviderConfig, Providers, load_providers
 from shared.runtime import Lifecycle
 from shared.settings import Settings
 from shared.store import Store
+from worker.pacing import KeyLimits, Pacer
 from worker.providers.anthropic import AnthropicProvider
 from worker.providers.base import Provider
 from worker.providers.openai import OpenAIProvider
@@ -54,10 +56,14 @@ def build_provider(config: ProviderConfig, settings: Settings,
 
 def build_providers(settings: Settings, providers: Providers, session: aiohttp.ClientSession,
                     environ: Mapping[str, str] = os.environ,
-                    metrics: Metrics | None = None) -> ProviderSet:
+                    metrics: Metrics | None = None,
+                    pace_store: PaceStore | None = None) -> ProviderSet:
     entries = {}
+    limits: dict[tuple[str, str], KeyLimits] = {}
     for name, config in providers.configs.items():
         keys = [(resolve_key(k.key, environ), k.weight) for k in config.keys]
+        for (secret, _), k in zip(keys, config.keys, strict=True):
+            limits[(name, secret)] = KeyLimits(k.rpm, k.tpm, k.max_concurrency)
         entries[name] = ProviderEntry(
             provider=build_provider(config, settings, session),
             keys=KeyPool(keys, config.key_cooldown_s if config.key_cooldown_s is not None
@@ -66,9 +72,11 @@ def build_providers(settings: Settings, providers: Providers, session: aiohttp.C
                               config.retry_base_s if config.retry_base_s is not None
                               else settings.retry_base_s,
                               config.retry_max_s if config.retry_max_s is not None
-                              else settings.retry_max_s),
+                              else settings.retry_max_s,
+                              settings.max_rate_limited),
         )
-    return ProviderSet(entries, metrics)
+    pacer = Pacer(pace_store, limits, metrics)
+    return ProviderSet(entries, metrics, pacer, settings.pace_horizon_s)
 
 
 async def _run_worker(settings: Settings, life: Lifecycle) -> None:
@@ -86,7 +94,8 @@ async def _run_worker(settings: Settings, life: Lifecycle) -> None:
         try:
             async with aiohttp.ClientSession(connector=connector) as session, \
                     metrics_server(settings, metrics):
-                provider_set = build_providers(settings, providers, session, metrics=metrics)
+                provider_set = build_providers(settings, providers, session, metrics=metrics,
+                                               pace_store=PaceStore(store))
                 log.info("providers configured", providers=providers.names())
                 life.started = True
                 await Worker(settings, store, broker, provider_set, metrics=metrics,

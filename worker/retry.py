@@ -1,4 +1,8 @@
-"""Retry policy: bounded attempts, exponential backoff with full jitter, retry-after honoured."""
+"""Retry policy: bounded attempts, exponential backoff with full jitter, retry-after honoured.
+
+A rate limit (429) is not an attempt: the call did not fail, it came too early. The next call
+waits for its turn on the key (worker/pacing.py holds the provider's retry-after for every
+call on that key), and only `max_rate_limited` 429s in a row are taken before giving up."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class RetryPolicy:
     max_attempts: int = 4
     base_s: float = 0.5
     max_s: float = 30.0
+    max_rate_limited: int = 10
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
@@ -29,7 +34,18 @@ class RetryPolicy:
 
 @dataclass(slots=True)
 class Attempts:
-    count: int = 0
+    count: int = 0  # calls that count against max_attempts
+    limited: int = 0  # calls answered 429 (by the provider, or by Ferry's own pacing)
+
+
+class Paced(ProviderError):
+    """Ferry's pacing has no slot for this call on its key soon enough: a 429 of our own,
+    `retry_after` saying when the key has room again. No call was made."""
+
+    def __init__(self, provider: str, wait_s: float) -> None:
+        super().__init__(429, "rate_limit_error",
+                         f"provider `{provider}` is at its rate limit for this key; "
+                         f"retry in {wait_s:.1f} s", retryable=True, retry_after=wait_s)
 
 
 class RetryLater(ProviderError):
@@ -57,7 +73,18 @@ async def call_with_retries(
         attempts.count += 1
         try:
             return await call()
+        except Paced as exc:
+            attempts.count -= 1
+            if max_inline_wait is not None:  # an async job: to a delay queue, attempts intact
+                raise RetryLater(exc, exc.retry_after or 0.0) from exc
+            raise  # a sync request: the client hears when to come back
         except ProviderError as exc:
+            if exc.status == 429 and exc.retryable:
+                attempts.count -= 1
+                attempts.limited += 1
+                if attempts.limited >= policy.max_rate_limited:
+                    raise
+                continue  # the next call waits for its turn on the key
             if not exc.retryable or attempts.count >= policy.max_attempts:
                 raise
             wait = policy.delay(attempts.count, exc.retry_after)

@@ -14,8 +14,16 @@ from shared.jobs import JobEnvelope
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
-from worker.providers.base import CallContext, Provider, ProviderError, ProviderResponse
-from worker.retry import Attempts, RetryLater, RetryPolicy, call_with_retries
+from worker.pacing import Pacer, Saturated
+from worker.providers.base import (
+    CallContext,
+    Headers,
+    Provider,
+    ProviderError,
+    ProviderResponse,
+    SSEEvent,
+)
+from worker.retry import Attempts, Paced, RetryLater, RetryPolicy, call_with_retries
 
 log = get_logger("ferry.routing")
 
@@ -41,13 +49,21 @@ class KeyPool:
         self._rng = rng or random.Random()
         self._until: dict[str, float] = {}
 
-    def pick(self) -> str | None:
+    def pick(self, capacity: Callable[[str], float | None] | None = None) -> str | None:
+        """A key, weighted by its configured weight; or, once `capacity` knows the rate of
+        every key (what pacing learned), by that rate: each key gets its share of its limit."""
         if not self._keys:
             return None
         now = self._clock()
         ready = [(k, w) for k, w in self._keys if self._until.get(k, 0.0) <= now]
         if not ready:  # all cooling down: use the one that recovers first
             return min(self._keys, key=lambda kw: self._until.get(kw[0], 0.0))[0]
+        if len(ready) == 1:
+            return ready[0][0]
+        if capacity is not None:
+            rates = [capacity(k) for k, _ in ready]
+            if all(rates):
+                ready = [(k, r) for (k, _), r in zip(ready, rates, strict=True) if r]
         keys, weights = zip(*ready, strict=True)
         return self._rng.choices(keys, weights=weights)[0]
 
@@ -131,9 +147,12 @@ def parse_route(text: str) -> Route:
 
 class ProviderSet:
     def __init__(self, entries: Mapping[str, ProviderEntry],
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, pacer: Pacer | None = None,
+                 pace_horizon_s: float = 60.0) -> None:
         self._entries = entries
         self._metrics = metrics or Metrics()
+        self._pacer = pacer or Pacer(None, metrics=self._metrics)
+        self._pace_horizon_s = pace_horizon_s
 
     def routes(self, envelope: JobEnvelope) -> list[Route]:
         primary = Route(envelope.provider, envelope.upstream_model or envelope.model)
@@ -162,9 +181,12 @@ class ProviderSet:
             route_attempts = Attempts(prior if single else 0)
             last = index == len(routes) - 1
             try:
+                inline = max_inline_wait if single else None
                 result = await call_with_retries(
-                    entry.retry, functools.partial(self._once, entry, operation, body, ctx),
-                    route_attempts, max_inline_wait=max_inline_wait if single else None,
+                    entry.retry,
+                    functools.partial(self._once, route.provider, entry, operation, body, ctx,
+                                      inline),
+                    route_attempts, max_inline_wait=inline,
                 )
                 return result, route
             except RetryLater:
@@ -178,6 +200,7 @@ class ProviderSet:
             finally:
                 made = route_attempts.count - (prior if single else 0)
                 attempts.count += made
+                attempts.limited += route_attempts.limited
                 if made > 1:
                     self._metrics.provider_retries.labels(route.provider).inc(made - 1)
         raise AssertionError("unreachable: routes is never empty")
@@ -195,13 +218,30 @@ class ProviderSet:
                 out[name] = []
         return out
 
-    async def _once(self, entry: ProviderEntry, operation: Operation[T], body: bytes,
-                    ctx: CallContext) -> T:
-        key = entry.keys.pick()
+    async def _once(self, configured: str, entry: ProviderEntry, operation: Operation[T],
+                    body: bytes, ctx: CallContext, max_inline_wait: float | None) -> T:
         name = entry.provider.name
-        started = time.perf_counter()
+        key = entry.keys.pick(lambda k: self._pacer.rate(configured, k))
+        if max_inline_wait is None:  # a sync request, or a job with fallbacks to move on to
+            wait_max, block_max = entry.retry.max_s, entry.retry.max_s
+        else:  # an async job: a long wait for its turn is spent in a delay queue instead
+            wait_max, block_max = self._pace_horizon_s, max_inline_wait
         try:
-            result = await operation(entry.provider, body, replace(ctx, api_key=key))
+            async with self._pacer.slot(configured, key, wait_max, block_max) as slot:
+                started = time.perf_counter()
+                try:
+                    result = await operation(entry.provider, body, replace(ctx, api_key=key))
+                except ProviderError as exc:
+                    slot.answered(exc.headers, exc.status, exc.retry_after)
+                    raise
+                slot.answered(*_answer_facts(result))
+        except Saturated as full:
+            paced = Paced(name, full.wait_s)
+            entry.keys.report(key, paced)
+            if entry.keys.has_other(key):  # another key may have room now
+                raise ProviderError(429, paced.error_type, paced.message, retryable=True,
+                                    retry_after=0.0) from full
+            raise paced from full
         except ProviderError as exc:
             self._metrics.provider_calls.labels(name, str(exc.status)).inc()
             entry.keys.report(key, exc)
@@ -213,3 +253,15 @@ class ProviderSet:
         self._metrics.provider_calls.labels(name, "ok").inc()
         self._metrics.provider_seconds.labels(name).observe(time.perf_counter() - started)
         return result
+
+
+def _answer_facts(result: object) -> tuple[Headers, int, None, int | None]:
+    """What pacing learns from a successful call's result: its headers, and the tokens it
+    used where they are known (not for a stream, which has only just begun)."""
+    if isinstance(result, ProviderResponse):
+        usage = result.usage
+        tokens = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
+        return result.headers, 200, None, tokens or None
+    if isinstance(result, tuple) and result and isinstance(result[0], SSEEvent):
+        return result[0].headers, 200, None, None
+    return (), 200, None, None

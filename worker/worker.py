@@ -348,7 +348,7 @@ class Worker:
         await self._with_store_retry(job, lambda: self._broker.publish_delayed(envelope,
                                                                              later.delay))
         await self._store_call(job, lambda: self._store.park(
-            envelope.job_id, self.worker_id, made, later.delay))
+            envelope.job_id, self.worker_id, made, later.delay, job.attempts.limited))
         log.info("job parked for a delayed retry", delay_s=round(later.delay, 2),
                  status=later.status, attempts=made)
 

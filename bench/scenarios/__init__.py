@@ -10,6 +10,7 @@ from bench.scenarios.faults import run_faults
 from bench.scenarios.interactive import run_stream, run_sync
 from bench.scenarios.jobs import run_jobs
 from bench.scenarios.longpoll import run_longpoll
+from bench.scenarios.pacing import run_pacing
 from bench.scenarios.submit import run_submit
 from bench.scenarios.sweeper import run_sweeper
 
@@ -22,4 +23,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "sweeper": run_sweeper,
     "batches": run_batches,
     "faults": run_faults,
+    "pacing": run_pacing,
 }

@@ -38,6 +38,7 @@ from tests.support import eventually, fake_calls, request_body
 pytestmark = pytest.mark.acceptance
 
 MAX_ATTEMPTS = 2  # FERRY_PROVIDER_MAX_ATTEMPTS of the shared stack's workers
+MAX_RATE_LIMITED = 3  # FERRY_MAX_RATE_LIMITED of the same: 429s are not attempts
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -46,7 +47,8 @@ async def ferry(test_run: TestRun,
     async with running_stack(test_run, tmp_path_factory.mktemp("ferry-interactive"),
                              "interactive", workers=2,
                              env={**SMALL_POOLS,
-                                  "FERRY_PROVIDER_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}) as stack:
+                                  "FERRY_PROVIDER_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+                                  "FERRY_MAX_RATE_LIMITED": str(MAX_RATE_LIMITED)}) as stack:
         yield stack
 
 
@@ -187,8 +189,9 @@ async def test_the_sse_bytes_are_the_providers(ferry: Stack) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["create", "stream"])
 @pytest.mark.parametrize(("directive", "calls"), [
-    # Ferry retries a rate limit itself, then tells the SDK not to retry on top of that.
-    pytest.param("[[fake:status=429,retry_after=0]]", MAX_ATTEMPTS, id="retried"),
+    # Ferry retries a rate limit itself (up to FERRY_MAX_RATE_LIMITED times: a 429 is not an
+    # attempt), then tells the SDK not to retry on top of that.
+    pytest.param("[[fake:status=429,retry_after=0]]", MAX_RATE_LIMITED, id="retried"),
     # A 429 without retry-after is a spend cap: no retry lifts it, Ferry's or the SDK's.
     pytest.param("[[fake:status=429]]", 1, id="spend_cap"),
 ])

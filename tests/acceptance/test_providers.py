@@ -344,5 +344,7 @@ async def test_slow_a_long_retry_after_parks_the_async_job_in_the_delay_tier(
     assert [c["status"] for c in await fake_calls(ferry.fake_url, text)] == [429, 200]
     row = await job_row(ferry.database_url, job.id)
     assert row is not None
-    # docs/reporting.md: provider calls made, retries included (the one before parking too)
-    assert (row["status"], row["deliveries"], row["attempts"]) == ("completed", 2, 2)
+    # docs/reporting.md: attempts are the calls that count (a 429 does not: it is counted in
+    # rate_limited)
+    assert (row["status"], row["deliveries"], row["attempts"], row["rate_limited"]) == (
+        "completed", 2, 1, 1)

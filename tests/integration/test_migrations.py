@@ -88,6 +88,7 @@ async def test_jobs_table_columns(db: asyncpg.Connection) -> None:
         ("batch_id", "uuid", "YES"),
         ("batch_index", "integer", "YES"),
         ("custom_id", "text", "YES"),
+        ("rate_limited", "integer", "NO"),
         ("watched", "boolean", "NO"),
     ]
 
@@ -111,7 +112,7 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     assert {r["table_name"] for r in tables} == {
         "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations",
         "api_keys", "key_usage", "key_leases", "webhook_endpoints", "webhook_endpoint_keys",
-        "webhook_deliveries", "webhook_attempts", "batches"}
+        "webhook_deliveries", "webhook_attempts", "batches", "provider_pace"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -147,6 +148,7 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("webhook_deliveries", "webhook_deliveries_endpoint_created_idx"),
         ("webhook_attempts", "webhook_attempts_pkey"),
         ("webhook_attempts", "webhook_attempts_started_at_idx"),
+        ("provider_pace", "provider_pace_pkey"),
         ("batches", "batches_pkey"),
         ("batches", "batches_caller_created_idx"),
         ("batches", "batches_in_progress_idx"),

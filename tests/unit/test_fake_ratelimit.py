@@ -200,7 +200,8 @@ async def test_over_the_limit_is_anthropics_429(http: ClientSession, server: Tes
     answers = [await ask(http, server, "k1") for _ in range(3)]
     assert [status for status, _, _ in answers] == [200, 200, 429]
     assert [h["anthropic-ratelimit-requests-remaining"] for _, h, _ in answers] == ["1", "0", "0"]
-    assert {h["anthropic-ratelimit-requests-limit"] for _, h, _ in answers} == {"2"}
+    # The limit is announced per minute, as Anthropic does (0.06 a minute shows as 1).
+    assert {h["anthropic-ratelimit-requests-limit"] for _, h, _ in answers} == {"1"}
     _, headers, error = answers[2]
     assert error == {
         "type": "error",
@@ -216,6 +217,16 @@ async def test_over_the_limit_is_anthropics_429(http: ClientSession, server: Tes
     assert "retry-after" not in answers[0][1]
     # Another key has its own bucket.
     assert (await ask(http, server, "k2"))[0] == 200
+
+
+async def test_the_limit_is_announced_per_minute(http: ClientSession,
+                                                 server: TestServer) -> None:
+    await configure(http, server, {"rate_limit": {"rps": 40}})
+    _, headers, _ = await ask(http, server, "k")
+    assert headers["anthropic-ratelimit-requests-limit"] == "2400"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "39"  # the bucket holds 40
+    _, headers, _ = await ask(http, server, "k", "/v1/chat/completions")
+    assert headers["x-ratelimit-limit-requests"] == "2400"
 
 
 async def test_per_key_limits_and_stats(http: ClientSession, server: TestServer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.providers.base import ProviderError
-from worker.retry import Attempts, RetryPolicy, call_with_retries
+from worker.retry import Attempts, Paced, RetryLater, RetryPolicy, call_with_retries
 
 POLICY = RetryPolicy(max_attempts=4, base_s=0.5, max_s=30.0)
 
@@ -101,7 +101,7 @@ async def test_backoff_waits_stay_within_their_caps() -> None:
 
 @pytest.mark.parametrize("retry_after", [3.0, 0.0, 30.0], ids=["3s", "zero", "exactly_max"])
 async def test_retry_after_is_honoured(retry_after: float) -> None:
-    call, sleep, attempts = Script(rate_limited(retry_after)), Sleeps(), Attempts()
+    call, sleep, attempts = Script(overloaded(retry_after)), Sleeps(), Attempts()
     assert await call_with_retries(POLICY, call, attempts, sleep) == "ok"
     assert attempts.count == 2
     assert len(sleep.waits) == 1
@@ -109,13 +109,53 @@ async def test_retry_after_is_honoured(retry_after: float) -> None:
 
 
 async def test_retry_after_beyond_max_raises_without_sleeping() -> None:
-    error = rate_limited(POLICY.max_s + 1)
+    error = overloaded(POLICY.max_s + 1)
     call, sleep, attempts = Script(error), Sleeps(), Attempts()
     with pytest.raises(ProviderError) as info:
         await call_with_retries(POLICY, call, attempts, sleep)
     assert info.value is error
     assert attempts.count == 1 == call.calls
     assert sleep.waits == []
+
+
+# --- rate limits: not attempts ------------------------------------------------------------
+
+
+async def test_a_rate_limit_is_not_an_attempt_and_is_not_slept_here() -> None:
+    # The pacer makes the next call wait for the key (worker/pacing.py), not the retry loop.
+    call, sleep, attempts = Script(rate_limited(3.0), rate_limited(1.0)), Sleeps(), Attempts()
+    assert await call_with_retries(POLICY, call, attempts, sleep) == "ok"
+    assert (attempts.count, attempts.limited, call.calls) == (1, 2, 3)
+    assert sleep.waits == []
+
+
+async def test_rate_limits_in_a_row_are_bounded() -> None:
+    policy = RetryPolicy(max_attempts=4, max_rate_limited=3)
+    call, attempts = Script(*(rate_limited(0.0) for _ in range(10))), Attempts()
+    with pytest.raises(ProviderError) as info:
+        await call_with_retries(policy, call, attempts, Sleeps())
+    assert info.value.status == 429
+    assert (attempts.count, attempts.limited, call.calls) == (0, 3, 3)
+
+
+async def test_a_rate_limit_without_retry_after_is_final() -> None:
+    spend_cap = ProviderError(429, None, "spend cap", retryable=False)
+    call, attempts = Script(spend_cap), Attempts()
+    with pytest.raises(ProviderError) as info:
+        await call_with_retries(POLICY, call, attempts, Sleeps())
+    assert info.value is spend_cap
+    assert call.calls == 1
+
+
+async def test_no_slot_soon_parks_an_async_job_and_refuses_a_sync_request() -> None:
+    call, attempts = Script(Paced("anthropic", 42.0)), Attempts()
+    with pytest.raises(RetryLater) as later:
+        await call_with_retries(POLICY, call, attempts, Sleeps(), max_inline_wait=5.0)
+    assert (later.value.delay, attempts.count) == (42.0, 0)
+    call = Script(Paced("anthropic", 42.0))
+    with pytest.raises(Paced) as refused:
+        await call_with_retries(POLICY, call, Attempts(), Sleeps())
+    assert (refused.value.status, refused.value.retry_after) == (429, 42.0)
 
 
 # --- RetryPolicy.delay ---------------------------------------------------------------------------

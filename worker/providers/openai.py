@@ -32,12 +32,18 @@ from worker.providers.openai_translate import map_openai_error, parse_completion
 
 
 def _relayed(resp: aiohttp.ClientResponse) -> Headers:
-    """OpenAI's request id and retry hint, under the names Anthropic clients read."""
+    """OpenAI's request id, retry hint and rate-limit state, under the names Anthropic clients
+    (and Ferry's pacing) read."""
     out = []
     if request_id := resp.headers.get("x-request-id"):
         out.append(("request-id", request_id[:200]))
     if retry_after := resp.headers.get("retry-after"):
         out.append(("retry-after", retry_after[:50]))
+    for kind in ("requests", "tokens"):  # the rate-limit state, as Anthropic names it
+        for part in ("limit", "remaining"):
+            value = resp.headers.get(f"x-ratelimit-{part}-{kind}", "")
+            if value.isdigit() and len(value) <= 20:
+                out.append((f"anthropic-ratelimit-{kind}-{part}", value))
     return tuple(out)
 
 
