@@ -65,6 +65,12 @@ class BenchDB:
         """What workers learned of provider rate limits (migration 0007): a cold start."""
         await self._conn.execute("DELETE FROM provider_pace")
 
+    async def last_finished(self) -> float:
+        """The latest completed_at of any job, failed ones included (Unix time)."""
+        value = await self._conn.fetchval(
+            "SELECT extract(epoch FROM max(completed_at))::float8 FROM jobs")
+        return float(value or 0.0)
+
     async def job_ids(self) -> list[uuid.UUID]:
         return [r["id"] for r in await self._conn.fetch("SELECT id FROM jobs")]
 

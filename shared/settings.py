@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # Pacing (worker/pacing.py): an async job waits in its worker for its turn on a provider
     # key up to this long, and goes to a delay queue beyond it.
     pace_horizon_s: float = Field(60.0, gt=0, validation_alias=_env("FERRY_PACE_HORIZON"))
+    # off: no pacing; each worker only honours the retry-after of the 429s it gets.
+    pacing: bool = Field(True, validation_alias=_env("FERRY_PACING"))
     # 429s in a row (not attempts) a request takes before its rate-limit error is final.
     max_rate_limited: int = Field(10, ge=1, le=1000,
                                   validation_alias=_env("FERRY_MAX_RATE_LIMITED"))

@@ -128,11 +128,15 @@ class Slot:
 
 
 class Pacer:
+    """`learn=False` (FERRY_PACING=off) paces nothing: each worker only honours the
+    retry-after of the 429s it got itself, as Ferry did before pacing."""
+
     def __init__(self, store: PaceStore | None, limits: Mapping[tuple[str, str], KeyLimits]
                  | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._store = store
-        self._limits = dict(limits or {})
+                 clock: Callable[[], float] = time.monotonic, learn: bool = True) -> None:
+        self._learning = learn
+        self._store = store if learn else None
+        self._limits = dict(limits or {}) if learn else {}
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._keys: dict[tuple[str, str], _Key] = {}
@@ -173,7 +177,7 @@ class Pacer:
 
     async def _turn(self, state: _Key, horizon_s: float, block_max_s: float) -> bool:
         """Wait for a slot; True when this call is the key's probe."""
-        while not state.seen and not state.engaged:
+        while self._learning and not state.seen and not state.engaged:
             if state.probe is None:
                 state.probe = asyncio.get_running_loop().create_future()
                 try:
@@ -262,6 +266,12 @@ class Pacer:
     def _learn(self, state: _Key, headers: Headers, status: int | None,
                retry_after: float | None, tokens: int | None) -> None:
         state.seen = True
+        if not self._learning:
+            if status == 429:
+                wait = retry_after if retry_after is not None else DEFAULT_WAIT_S
+                state.blocked_until = max(state.blocked_until, self._clock() + wait)
+                self._metrics.provider_rate_limited.labels(state.provider).inc()
+            return
         configured = state.limits
         found = read_limits(headers)
         if found is not None:

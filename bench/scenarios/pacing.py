@@ -51,19 +51,20 @@ async def run_pacing(b: Bench) -> None:
     scenario = "10 pacing"
     count = 400 if b.quick else 1200
     rows = [
-        (2, {"sk-bench-upstream": RATE}),
-        (4, {"sk-bench-upstream": RATE}),
-        (2, TWO_KEYS),
-        (4, TWO_KEYS),
+        (2, {"sk-bench-upstream": RATE}, False),  # before: what the issue measured
+        (2, {"sk-bench-upstream": RATE}, True),
+        (4, {"sk-bench-upstream": RATE}, True),
+        (2, TWO_KEYS, True),
+        (4, TWO_KEYS, True),
     ]
-    for workers, keys in rows:
-        await _row(b, scenario, count, workers, keys)
+    for workers, keys, pacing in rows:
+        await _row(b, scenario, count, workers, keys, pacing)
     b.stack.stop_workers()
     await b.reset()
 
 
 async def _row(b: Bench, scenario: str, count: int, workers: int,
-               keys: dict[str, float]) -> None:
+               keys: dict[str, float], pacing: bool) -> None:
     b.stack.stop_workers()
     await b.reset()
     await b.db.forget_pacing()
@@ -71,10 +72,11 @@ async def _row(b: Bench, scenario: str, count: int, workers: int,
     rate = sum(keys.values())
     path = _providers_file(b, list(keys))
     try:
-        await b.stack.start_workers(workers, {"FERRY_PROVIDERS_FILE": path},
-                                    wait_interactive=False)
+        await b.stack.start_workers(
+            workers, {"FERRY_PROVIDERS_FILE": path, "FERRY_PACING": "on" if pacing else "off"},
+            wait_interactive=False)
         label = (f"{len(keys)} key(s) at {' + '.join(f'{r:g}' for r in keys.values())}"
-                 f" req/s, {workers} workers")
+                 f" req/s, {workers} workers" + ("" if pacing else ", FERRY_PACING=off"))
         progress(f"{scenario}: {count} jobs, {label}")
 
         async def run() -> None:
@@ -89,6 +91,8 @@ async def _row(b: Bench, scenario: str, count: int, workers: int,
     span = await b.db.async_job_span()
     counts = await b.db.status_counts()
     seconds = (span.last_completed or 0) - (span.first_submitted or 0)
+    if span.count < count:  # failed jobs: the time to the last one finished, either way
+        seconds = await b.db.last_finished() - (span.first_submitted or 0)
     ideal = count / rate
     stats = await _fake_stats(b)
     calls = {key: sum(stats.get(key, {}).values()) for key in keys}
@@ -96,7 +100,7 @@ async def _row(b: Bench, scenario: str, count: int, workers: int,
     total, total_429 = sum(calls.values()), sum(limited.values())
     share = total_429 / total if total else 0.0
     ratio = seconds / ideal
-    met = ratio <= GOAL_RATIO and share < GOAL_429
+    met = ratio <= GOAL_RATIO and share < GOAL_429 and span.count == count
     per_key = ", ".join(f"{key[-1] if len(keys) > 1 else 'key'}: {calls[key]} calls, "
                         f"{limited[key]}×429" for key in keys)
     b.report.figure(

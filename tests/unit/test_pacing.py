@@ -122,3 +122,15 @@ async def test_max_concurrency_per_worker() -> None:
 
     await asyncio.gather(*(one() for _ in range(8)))
     assert peak == 2
+
+
+async def test_pacing_off_only_honours_its_own_429s() -> None:
+    pacer = Pacer(None, {("p", "k"): KeyLimits(rpm=60)}, learn=False)
+    started = time.monotonic()
+    await asyncio.gather(*(call(pacer, headers=limits(60, 0)) for _ in range(20)))
+    assert time.monotonic() - started < 0.5  # 1/s if it paced
+    assert pacer.rate("p", "k") is None
+    await call(pacer, status=429, retry_after=0.3)
+    started = time.monotonic()
+    await call(pacer)
+    assert time.monotonic() - started >= 0.25
