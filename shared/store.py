@@ -189,13 +189,14 @@ _INSERT_PAYLOADS = (
     "INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $2::bytea[])"
 )
 
-# Take the job if it is waiting (and due), or if the lease of the worker that had it ran out.
-# One round trip: the CTE reads the row under a lock and the UPDATE applies only when it may.
+# Take each job if it is waiting (and due), or if the lease of the worker that had it ran out.
+# One round trip for any number of jobs: the CTE reads the rows under a lock (in id order, so
+# two claimers of overlapping jobs never deadlock) and the UPDATE applies only where it may.
 _CLAIM = """
 WITH cur AS (
     SELECT id, status, worker_id, lease_until, not_before, attempts, abandoned, ttl_seconds,
            now() AS db_now
-    FROM jobs WHERE id = $1 FOR UPDATE
+    FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 ), taken AS (
     UPDATE jobs j SET status = 'processing', worker_id = $2,
            lease_until = now() + make_interval(secs => $3),
@@ -206,33 +207,55 @@ WITH cur AS (
         (cur.status = 'pending'
          AND (cur.not_before IS NULL OR cur.not_before <= now() + interval '1 second'))
         OR (cur.status = 'processing' AND cur.lease_until < now()))
-    RETURNING j.abandoned
+    RETURNING j.id, j.abandoned
 )
-SELECT cur.*, (SELECT abandoned FROM taken) AS taken_abandoned FROM cur
+SELECT cur.*, taken.abandoned AS taken_abandoned FROM cur LEFT JOIN taken ON taken.id = cur.id
 """
 
 
-# The job's end (announced to a waiting poll, if one watches it), and (one subquery, only for
-# a job that named an endpoint) how the endpoint wants it announced: `off` (disabled or
+# Jobs' ends, in one statement: each row (if not finished already) with its result and
+# without its payload; a watched job's end is announced to the waiting poll. For a job that
+# named a webhook endpoint, the result is left to `_INSERT_RESULT_AND_DELIVERY` (in the same
+# transaction), and one subquery says how the endpoint wants it announced: `off` (disabled or
 # removed since), `full` (with the response), `slim`.
 _FINISH = f"""
-UPDATE jobs SET status = $2, attempts = attempts + $3, http_status = $4, error_type = $5,
-       stop_reason = $6, input_tokens = $7, output_tokens = $8,
-       cache_creation_input_tokens = $9, cache_read_input_tokens = $10,
-       served_provider = $11, served_model = $12, lease_until = NULL,
-       completed_at = now(), expires_at = now() + make_interval(secs => ttl_seconds)
-WHERE id = $1 AND status IN ('pending', 'processing')
-RETURNING expires_at, completed_at, model, request_id, webhook_endpoint_id,
-          CASE WHEN watched THEN pg_notify('{JOB_DONE_CHANNEL}', id::text) END AS notified,
-          CASE WHEN webhook_endpoint_id IS NOT NULL THEN (
-              SELECT CASE WHEN NOT e.enabled OR e.removed_at IS NOT NULL THEN 'off'
-                          WHEN e.include_response THEN 'full' ELSE 'slim' END
-              FROM webhook_endpoints e WHERE e.id = webhook_endpoint_id) END AS announce
-"""
-_INSERT_RESULT = (
-    "INSERT INTO job_results (job_id, body, expires_at) VALUES ($1, $2, $3)"
-    " ON CONFLICT (job_id) DO NOTHING"
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::smallint[], $5::text[],
+                         $6::text[], $7::integer[], $8::integer[], $9::integer[],
+                         $10::integer[], $11::text[], $12::text[], $13::text[])
+        AS t(id, status, attempts, http_status, error_type, stop_reason, input_tokens,
+             output_tokens, cache_creation_input_tokens, cache_read_input_tokens,
+             served_provider, served_model, body)
+), done AS (
+    UPDATE jobs j SET status = i.status, attempts = j.attempts + i.attempts,
+           http_status = i.http_status, error_type = i.error_type,
+           stop_reason = i.stop_reason, input_tokens = i.input_tokens,
+           output_tokens = i.output_tokens,
+           cache_creation_input_tokens = i.cache_creation_input_tokens,
+           cache_read_input_tokens = i.cache_read_input_tokens,
+           served_provider = i.served_provider, served_model = i.served_model,
+           lease_until = NULL, completed_at = now(),
+           expires_at = now() + make_interval(secs => j.ttl_seconds)
+    FROM input i
+    WHERE j.id = i.id AND j.status IN ('pending', 'processing')
+    RETURNING j.id, j.expires_at, j.completed_at, j.model, j.request_id,
+              j.webhook_endpoint_id,
+              CASE WHEN j.watched THEN pg_notify('{JOB_DONE_CHANNEL}', j.id::text)
+              END AS notified,
+              CASE WHEN j.webhook_endpoint_id IS NOT NULL THEN (
+                  SELECT CASE WHEN NOT e.enabled OR e.removed_at IS NOT NULL THEN 'off'
+                              WHEN e.include_response THEN 'full' ELSE 'slim' END
+                  FROM webhook_endpoints e WHERE e.id = j.webhook_endpoint_id) END AS announce
+), result AS (
+    INSERT INTO job_results (job_id, body, expires_at)
+    SELECT d.id, i.body::json, d.expires_at FROM done d JOIN input i ON i.id = d.id
+    WHERE d.webhook_endpoint_id IS NULL
+    ON CONFLICT (job_id) DO NOTHING
+), payload AS (
+    DELETE FROM job_payloads p USING done d WHERE p.job_id = d.id
 )
+SELECT * FROM done
+"""
 # The result and the webhook delivery in one statement: no round trip more than without one.
 _INSERT_RESULT_AND_DELIVERY = """
 WITH result AS (
@@ -256,7 +279,7 @@ class Store:
         """Raises StoreUnavailable when the database cannot be reached."""
         try:
             pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                             timeout=timeout_s)
+                                             timeout=timeout_s, reset=_keep_session)
         except _TRANSIENT as exc:
             raise StoreUnavailable(f"cannot reach the database ({type(exc).__name__}): check "
                                    "DATABASE_URL") from exc
@@ -410,22 +433,16 @@ class Store:
     # --- worker ----------------------------------------------------------------------------
 
     async def claim(self, job_id: uuid.UUID, worker_id: str, lease_s: float) -> Claim:
+        [claim] = await self.claim_jobs([job_id], worker_id, lease_s)
+        return claim
+
+    async def claim_jobs(self, job_ids: list[uuid.UUID], worker_id: str,
+                         lease_s: float) -> list[Claim]:
+        """Claim several jobs in one statement: what each claim found, in order."""
         async with self._conn() as conn:
-            row = await conn.fetchrow(_CLAIM, job_id, worker_id, float(lease_s))
-        if row is None:
-            return Claim("missing")
-        status = row["status"]
-        if row["taken_abandoned"] is not None:
-            return Claim("claimed", "processing", row["attempts"], row["taken_abandoned"],
-                         ttl_seconds=row["ttl_seconds"])
-        if status in FINAL_STATUSES:
-            return Claim("finished", status)
-        if status == "pending":
-            return Claim("parked", status, row["attempts"])
-        lease_until = row["lease_until"]
-        remaining = (lease_until - row["db_now"]).total_seconds() if lease_until else 0.0
-        return Claim("held", status, row["attempts"], row["abandoned"], row["worker_id"],
-                     remaining, lease_until)
+            rows = await conn.fetch(_CLAIM, job_ids, worker_id, float(lease_s))
+        found = {row["id"]: _claim_of(row) for row in rows}
+        return [found.get(job_id, _MISSING) for job_id in job_ids]
 
     async def extend_leases(self, ids: list[uuid.UUID], worker_id: str,
                             lease_s: float) -> set[uuid.UUID]:
@@ -446,23 +463,59 @@ class Store:
         for a job that named a webhook endpoint, its delivery too (the webhook outbox: no
         crash after this commit can lose it). Idempotent: a job that is already finished
         keeps its first result, and this returns None."""
+        [finished] = await self.finish_jobs([(job_id, outcome)])
+        if isinstance(finished, Exception):
+            raise finished
+        return finished
+
+    async def finish_jobs(self, items: list[tuple[uuid.UUID, Outcome]]
+                          ) -> list[Finished | None | Exception]:
+        """`finish_job` for several jobs in one transaction (one statement, plus one per
+        webhook delivery). A member that cannot be stored (bad data, a bug) fails alone: the
+        batch is then stored job by job, and that member's error is its result. Raises
+        StoreUnavailable when the database is away."""
+        try:
+            return list(await self._finish_batch(items))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+        results: list[Finished | None | Exception] = []
+        for item in items:
+            try:
+                results.extend(await self._finish_batch([item]))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def _finish_batch(self, items: list[tuple[uuid.UUID, Outcome]]
+                            ) -> list[Finished | None]:
+        first: dict[uuid.UUID, Outcome] = {}
+        for job_id, outcome in items:
+            first.setdefault(job_id, outcome)  # a repeat in one batch: the first one counts
+        ids, outcomes = list(first), list(first.values())
+        bodies = [o.body.decode() for o in outcomes]
         async with self._conn() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                _FINISH, job_id, outcome.status, outcome.attempts, outcome.http_status,
-                outcome.error_type, outcome.stop_reason, outcome.input_tokens,
-                outcome.output_tokens, outcome.cache_creation_input_tokens,
-                outcome.cache_read_input_tokens, outcome.served_provider, outcome.served_model,
-            )
-            if row is None:
-                return None
-            delivery_id = None
-            if row["webhook_endpoint_id"] is None:
-                await conn.execute(_INSERT_RESULT, job_id, outcome.body.decode(),
-                                   row["expires_at"])
-            else:
-                delivery_id = await _insert_with_delivery(conn, job_id, outcome, row)
-            await conn.execute("DELETE FROM job_payloads WHERE job_id = $1", job_id)
-            return Finished(delivery_id)
+            rows = await conn.fetch(
+                _FINISH, ids, [o.status for o in outcomes], [o.attempts for o in outcomes],
+                [o.http_status for o in outcomes], [o.error_type for o in outcomes],
+                [o.stop_reason for o in outcomes], [o.input_tokens for o in outcomes],
+                [o.output_tokens for o in outcomes],
+                [o.cache_creation_input_tokens for o in outcomes],
+                [o.cache_read_input_tokens for o in outcomes],
+                [o.served_provider for o in outcomes], [o.served_model for o in outcomes],
+                bodies)
+            finished: dict[uuid.UUID, Finished] = {}
+            for row in rows:
+                job_id = row["id"]
+                delivery_id = None
+                if row["webhook_endpoint_id"] is not None:
+                    delivery_id = await _insert_with_delivery(conn, job_id, first[job_id], row)
+                finished[job_id] = Finished(delivery_id)
+        return [finished.pop(job_id, None) for job_id, _ in items]  # a repeat finds None
 
     async def park(self, job_id: uuid.UUID, worker_id: str, attempts: int,
                    delay_s: float, rate_limited: int = 0) -> None:
@@ -624,8 +677,38 @@ class Store:
                 yield got
             finally:
                 if got:
-                    with _translated():
-                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    try:
+                        with _translated():
+                            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    except BaseException:
+                        # Pooled connections are not reset: end the session, and its lock.
+                        conn.terminate()
+                        raise
+
+
+_MISSING = Claim("missing")
+
+
+def _claim_of(row: asyncpg.Record) -> Claim:
+    status = row["status"]
+    if row["taken_abandoned"] is not None:
+        return Claim("claimed", "processing", row["attempts"], row["taken_abandoned"],
+                     ttl_seconds=row["ttl_seconds"])
+    if status in FINAL_STATUSES:
+        return Claim("finished", status)
+    if status == "pending":
+        return Claim("parked", status, row["attempts"])
+    lease_until = row["lease_until"]
+    remaining = (lease_until - row["db_now"]).total_seconds() if lease_until else 0.0
+    return Claim("held", status, row["attempts"], row["abandoned"], row["worker_id"],
+                 remaining, lease_until)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is, saving a round trip per checkout: asyncpg
+    rolls back a transaction left open itself, and Ferry keeps no other session state on
+    pooled connections (LISTEN has a connection of its own; `advisory_lock` unlocks, or ends
+    the session when it cannot)."""
 
 
 async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,

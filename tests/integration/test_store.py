@@ -14,9 +14,18 @@ import pytest
 from shared.errors import Conflict
 from shared.jobs import JobEnvelope, caller_hash, new_job_id
 from shared.settings import Settings
-from shared.store import Claim, HistoryRow, NewJob, Outcome, Store, body_hash
+from shared.store import (
+    Claim,
+    Finished,
+    HistoryRow,
+    NewJob,
+    Outcome,
+    Store,
+    StoreUnavailable,
+    body_hash,
+)
 from tests.integration.conftest import CALLER
-from tests.support import MODEL, request_body
+from tests.support import MODEL, eventually, request_body
 from worker.sweeper import Sweeper
 
 pytestmark = pytest.mark.integration
@@ -306,6 +315,92 @@ async def test_claim_of_a_finished_job_changes_nothing(store: Store,
     before = await job_row(db, job_id)
     assert await store.claim(job_id, "w2", LEASE) == Claim("finished", "failed")
     assert dict(await job_row(db, job_id)) == dict(before)
+
+
+# --- claims and finishes in batches ------------------------------------------------------------
+
+
+async def test_claims_of_many_jobs_in_one_call_answer_each_in_order(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    waiting = [await add_job(store) for _ in range(5)]
+    held, done, taken_over = await add_job(store), await add_job(store), await add_job(store)
+    await store.claim(held, "w1", LEASE)
+    await store.claim(taken_over, "w1", LEASE)
+    await expire_lease(db, taken_over)
+    await store.claim(done, "w1", LEASE)
+    await store.finish(done, completed("done"))
+    unknown = uuid.uuid4()
+
+    ids = [waiting[0], held, unknown, *waiting[1:], done, taken_over]
+    claims = await store.claim_jobs(ids, "w2", LEASE)
+    assert [c.state for c in claims] == (
+        ["claimed", "held", "missing"] + ["claimed"] * 4 + ["finished", "claimed"])
+    assert claims[1].holder == "w1"
+    assert (claims[-1].abandoned, claims[0].abandoned) == (1, 0)
+    rows = await db.fetch("SELECT id, worker_id, deliveries FROM jobs WHERE id = ANY($1)",
+                          [*waiting, taken_over, held])
+    assert {r["id"]: (r["worker_id"], r["deliveries"]) for r in rows} == {
+        **{job_id: ("w2", 1) for job_id in waiting}, taken_over: ("w2", 2), held: ("w1", 1)}
+
+
+async def test_finishes_of_many_jobs_commit_each_outcome(store: Store,
+                                                          db: asyncpg.Connection) -> None:
+    ids = [await add_job(store, ttl=60 + i) for i in range(6)]
+    await store.claim_jobs(ids, "w1", LEASE)
+    await store.finish(ids[5], completed("earlier"))
+    outcomes = [completed(f"job {i}") for i in range(5)] + [failed(500, "api_error")]
+    results = await store.finish_jobs([*zip(ids, outcomes, strict=True),
+                                       (ids[0], failed(500, "api_error"))])
+    assert results == [Finished()] * 5 + [None, None]  # finished already; a repeat
+    for i, job_id in enumerate(ids):
+        view = await store.get_job(job_id, CALLER)
+        assert view is not None and view.status == "completed" and view.body is not None
+        assert orjson.loads(view.body)["content"][0]["text"] == (
+            f"job {i}" if i < 5 else "earlier")
+        row = await job_row(db, job_id)
+        assert (row["expires_at"] - row["completed_at"]).total_seconds() == 60 + i
+    assert await db.fetchval("SELECT count(*) FROM job_payloads") == 0
+
+
+async def test_an_outcome_the_database_refuses_fails_alone(store: Store,
+                                                          db: asyncpg.Connection) -> None:
+    ids = [await add_job(store) for _ in range(4)]
+    await store.claim_jobs(ids, "w1", LEASE)
+    bad = Outcome(status="completed", body=b"not json", attempts=1)
+    outcomes = [completed("a"), bad, completed("c"), Outcome("failed", b"\xff", 1)]
+    results = await store.finish_jobs(list(zip(ids, outcomes, strict=True)))
+    assert results[0] == results[2] == Finished()
+    assert isinstance(results[1], asyncpg.DataError)
+    assert isinstance(results[3], UnicodeDecodeError)
+    statuses = [(await job_row(db, job_id))["status"] for job_id in ids]
+    assert statuses == ["completed", "processing", "completed", "processing"]
+    with pytest.raises(asyncpg.DataError):
+        await store.finish_job(ids[1], bad)  # alone, the error is raised
+
+
+async def test_an_outage_mid_batch_stores_nothing_and_a_retry_stores_all(
+    store: Store, db: asyncpg.Connection
+) -> None:
+    ids = [await add_job(store) for _ in range(3)]
+    await store.claim_jobs(ids, "w1", LEASE)
+    async with db.transaction():
+        # The batch's UPDATE waits for this lock; meanwhile its connection is cut, as when
+        # PostgreSQL restarts.
+        await db.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", ids[2])
+        batch = asyncio.create_task(store.finish_jobs([(i, completed("x")) for i in ids]))
+
+        async def waiting_backend() -> int | None:
+            return await db.fetchval(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()")
+
+        pid = await eventually(waiting_backend, what="the batch to wait for the lock")
+        await db.execute("SELECT pg_terminate_backend($1)", pid)
+        with pytest.raises(StoreUnavailable):
+            await batch
+    assert [(await job_row(db, i))["status"] for i in ids] == ["processing"] * 3
+    assert await store.finish_jobs([(i, completed("x")) for i in ids]) == [Finished()] * 3
 
 
 # --- the reconciler's repairs ------------------------------------------------------------------
