@@ -39,8 +39,9 @@ from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
 from shared.settings import CONSUMER_TIMEOUT_MARGIN_S, Settings
-from shared.store import Claim, Outcome, Store, StoreUnavailable
+from shared.store import Claim, Finished, Outcome, Store, StoreUnavailable
 from shared.webhookstore import WebhookStore
+from worker.batching import Coalescer
 from worker.history import HistoryWriter
 from worker.interactive import InteractiveRunner
 from worker.providers.base import ProviderError, ProviderResponse
@@ -90,6 +91,12 @@ class Worker:
         self._history = HistoryWriter(store)
         self._metrics = metrics or Metrics()
         self._webhooks = WebhookStore(store)
+        # Concurrent jobs claim their rows in one statement and write their outcomes in one
+        # transaction (a job is acked only once its own outcome is committed).
+        self._claims: Coalescer[uuid.UUID, Claim] = Coalescer(
+            lambda ids: store.claim_jobs(ids, self.worker_id, settings.lease_s))
+        self._finishes: Coalescer[tuple[uuid.UUID, Outcome], Finished | None] = Coalescer(
+            store.finish_jobs)
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self._settings
@@ -285,7 +292,7 @@ class Worker:
         """Write the outcome; announce the job's webhook, if it named one. Whether this call
         finished the job."""
         finished = await self._store_call(
-            job, lambda: self._store.finish_job(envelope.job_id, outcome))
+            job, lambda: self._finishes((envelope.job_id, outcome)))
         if finished is not None and finished.delivery_id is not None:
             await announce(self._broker, self._webhooks, finished.delivery_id)
         return finished is not None
@@ -294,7 +301,7 @@ class Worker:
         """The claimed job, or None when this delivery needs nothing more than an ack."""
         s = self._settings
         claim = await self._store_call(
-            job, lambda: self._store.claim(envelope.job_id, self.worker_id, s.lease_s))
+            job, lambda: self._claims(envelope.job_id))
         seen_lease = None
         while claim.state == "held":
             if seen_lease is not None and claim.lease_until != seen_lease:
@@ -307,7 +314,7 @@ class Worker:
             await asyncio.sleep(min(max(claim.lease_remaining_s, 0.0) + random.uniform(0.2, 1),
                                     s.lease_s + 1))
             claim = await self._store_call(
-                job, lambda: self._store.claim(envelope.job_id, self.worker_id, s.lease_s))
+                job, lambda: self._claims(envelope.job_id))
         if claim.state == "missing":
             log.warning("job message without a job row (its submit was withdrawn); dropped")
         elif claim.state == "finished":

@@ -90,11 +90,14 @@ class ObservedStore(Store):
     def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool)
         self.claims: list[tuple[uuid.UUID, Claim]] = []
+        self.claim_batches: list[int] = []  # how many jobs each claim statement took
 
-    async def claim(self, job_id: uuid.UUID, worker_id: str, lease_s: float) -> Claim:
-        result = await super().claim(job_id, worker_id, lease_s)
-        self.claims.append((job_id, result))
-        return result
+    async def claim_jobs(self, job_ids: list[uuid.UUID], worker_id: str,
+                         lease_s: float) -> list[Claim]:
+        results = await super().claim_jobs(job_ids, worker_id, lease_s)
+        self.claim_batches.append(len(job_ids))
+        self.claims.extend(zip(job_ids, results, strict=True))
+        return results
 
 
 @dataclass

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractQueue
 from shared.broker import Broker
 from shared.jobs import JobEnvelope
 from shared.settings import Settings
-from shared.store import Claim, Finished, Store, StoreUnavailable
+from shared.store import Claim, Finished, Outcome, Store, StoreUnavailable
 from tests.integration.conftest import (
     CALLER,
     UPSTREAM_KEY,
@@ -242,15 +242,16 @@ async def test_a_duplicate_message_for_a_running_job_does_not_run_it_twice(
 
 
 class FlakyStore(ObservedStore):
-    """The real store, but the database is away for the first `finish_job` calls."""
+    """The real store, but the database is away for the first `finish_jobs` calls."""
 
     outage = 3
 
-    async def finish_job(self, job_id: uuid.UUID, outcome: Any) -> Finished | None:
+    async def finish_jobs(self, items: list[tuple[uuid.UUID, Outcome]]
+                          ) -> list[Finished | None | Exception]:
         if self.outage:
             self.outage -= 1
             raise StoreUnavailable()
-        return await super().finish_job(job_id, outcome)
+        return await super().finish_jobs(items)
 
 
 async def test_a_database_outage_holds_the_job_and_costs_no_attempt(
@@ -266,6 +267,47 @@ async def test_a_database_outage_holds_the_job_and_costs_no_attempt(
     row = await job_row(db, sent.job_id)
     assert (row["attempts"], row["deliveries"]) == (1, 1)
     assert len(await fake_calls(fake_provider, text)) == 1
+
+
+class FlakyBatchStore(ObservedStore):
+    """The real store, recording how many jobs each finish took; the database is away for
+    the first two batches of finishes."""
+
+    outage = 2
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.finish_batches: list[int] = []
+
+    async def finish_jobs(self, items: list[tuple[uuid.UUID, Outcome]]
+                          ) -> list[Finished | None | Exception]:
+        self.finish_batches.append(len(items))
+        if self.outage:
+            self.outage -= 1
+            raise StoreUnavailable()
+        return await super().finish_jobs(items)
+
+
+async def test_concurrent_jobs_share_claims_and_finishes_and_an_outage_loses_none(
+    settings: Callable[..., Settings], store: Store, broker: Broker, db: asyncpg.Connection,
+    start_worker: StartWorker, fake_provider: str,
+) -> None:
+    texts = [unique(f"many {i}") for i in range(40)]
+    sent = [await submit(store, broker, text) for text in texts]
+    worker = await start_worker(settings(worker_concurrency=64), FlakyBatchStore)
+    for envelope in sent:
+        assert (await finished(store, envelope.job_id)).status == "completed"
+    assert isinstance(worker.store, FlakyBatchStore) and worker.store.outage == 0
+    # Coalesced: fewer statements than jobs, each job claimed once and run once.
+    assert len(worker.store.claim_batches) < len(sent)
+    assert max(worker.store.finish_batches) > 1
+    assert sorted(job_id for job_id, c in worker.store.claims if c.state == "claimed") == (
+        sorted(e.job_id for e in sent))
+    rows = await db.fetch("SELECT attempts, deliveries, abandoned FROM jobs"
+                          " WHERE id = ANY($1::uuid[])", [e.job_id for e in sent])
+    assert {tuple(r) for r in rows} == {(1, 1, 0)}
+    for text in texts:
+        assert len(await fake_calls(fake_provider, text)) == 1
 
 
 async def test_a_job_taken_over_too_often_fails_without_a_call(
