@@ -134,3 +134,33 @@ async def test_pacing_off_only_honours_its_own_429s() -> None:
     started = time.monotonic()
     await call(pacer)
     assert time.monotonic() - started >= 0.25
+
+
+async def test_a_token_limit_spaces_calls_by_the_tokens_they_used() -> None:
+    pacer = Pacer(None, {("p", "k"): KeyLimits(tpm=600)})  # 10 tokens a second
+    async with pacer.slot("p", "k", 60) as slot:
+        slot.answered((), 200, None, tokens=5)  # half a second's worth
+    await asyncio.sleep(0)  # the debit is recorded in the background
+    started = time.monotonic()
+    await call(pacer)
+    assert time.monotonic() - started >= 0.4
+
+
+async def test_a_token_limit_learned_from_headers_engages_when_running_low() -> None:
+    pacer = Pacer(None)
+    plenty = (("anthropic-ratelimit-tokens-limit", "600000"),
+              ("anthropic-ratelimit-tokens-remaining", "590000"))
+    async with pacer.slot("p", "k", 60) as slot:
+        slot.answered(plenty, 200, None, tokens=5000)
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await call(pacer)
+    assert time.monotonic() - started < 0.2  # plenty left: not paced, not debited
+    low = (("anthropic-ratelimit-tokens-limit", "600"),
+           ("anthropic-ratelimit-tokens-remaining", "3"))
+    async with pacer.slot("p", "k", 60) as slot:
+        slot.answered(low, 200, None, tokens=5)
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await call(pacer)
+    assert time.monotonic() - started >= 0.4
