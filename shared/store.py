@@ -214,10 +214,12 @@ SELECT cur.*, taken.abandoned AS taken_abandoned FROM cur LEFT JOIN taken ON tak
 
 
 # Jobs' ends, in one statement: each row (if not finished already) with its result and
-# without its payload; a watched job's end is announced to the waiting poll. For a job that
-# named a webhook endpoint, the result is left to `_INSERT_RESULT_AND_DELIVERY` (in the same
-# transaction), and one subquery says how the endpoint wants it announced: `off` (disabled or
-# removed since), `full` (with the response), `slim`.
+# without its payload; a watched job's end is announced to the waiting poll. $14 picks the
+# jobs that named a webhook endpoint (true) or the others (false). The others need nothing
+# more: the statement commits on its own. Jobs with an endpoint are finished in a transaction
+# with their deliveries (`_INSERT_RESULT_AND_DELIVERY`); a subquery says how the endpoint
+# wants it announced: `off` (disabled or removed since), `full` (with the response), `slim`.
+# Without $14, the statement names (in `later`) the unfinished jobs that have an endpoint.
 _FINISH = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::smallint[], $5::text[],
@@ -238,6 +240,7 @@ WITH input AS (
            expires_at = now() + make_interval(secs => j.ttl_seconds)
     FROM input i
     WHERE j.id = i.id AND j.status IN ('pending', 'processing')
+      AND (j.webhook_endpoint_id IS NOT NULL) = $14
     RETURNING j.id, j.expires_at, j.completed_at, j.model, j.request_id,
               j.webhook_endpoint_id,
               CASE WHEN j.watched THEN pg_notify('{JOB_DONE_CHANNEL}', j.id::text)
@@ -254,7 +257,11 @@ WITH input AS (
 ), payload AS (
     DELETE FROM job_payloads p USING done d WHERE p.job_id = d.id
 )
-SELECT * FROM done
+SELECT *, false AS later FROM done
+UNION ALL
+SELECT j.id, NULL, NULL, NULL, NULL, j.webhook_endpoint_id, NULL, NULL, true
+FROM jobs j JOIN input i ON i.id = j.id
+WHERE NOT $14 AND j.webhook_endpoint_id IS NOT NULL AND j.status IN ('pending', 'processing')
 """
 # The result and the webhook delivery in one statement: no round trip more than without one.
 _INSERT_RESULT_AND_DELIVERY = """
@@ -496,25 +503,19 @@ class Store:
         first: dict[uuid.UUID, Outcome] = {}
         for job_id, outcome in items:
             first.setdefault(job_id, outcome)  # a repeat in one batch: the first one counts
-        ids, outcomes = list(first), list(first.values())
-        bodies = [o.body.decode() for o in outcomes]
-        async with self._conn() as conn, conn.transaction():
-            rows = await conn.fetch(
-                _FINISH, ids, [o.status for o in outcomes], [o.attempts for o in outcomes],
-                [o.http_status for o in outcomes], [o.error_type for o in outcomes],
-                [o.stop_reason for o in outcomes], [o.input_tokens for o in outcomes],
-                [o.output_tokens for o in outcomes],
-                [o.cache_creation_input_tokens for o in outcomes],
-                [o.cache_read_input_tokens for o in outcomes],
-                [o.served_provider for o in outcomes], [o.served_model for o in outcomes],
-                bodies)
-            finished: dict[uuid.UUID, Finished] = {}
-            for row in rows:
-                job_id = row["id"]
-                delivery_id = None
-                if row["webhook_endpoint_id"] is not None:
-                    delivery_id = await _insert_with_delivery(conn, job_id, first[job_id], row)
-                finished[job_id] = Finished(delivery_id)
+        finished: dict[uuid.UUID, Finished] = {}
+        async with self._conn() as conn:
+            # Jobs without an endpoint in one statement (no transaction round trips); those
+            # with one, if any, in a transaction with their deliveries.
+            rows = await _finish_rows(conn, first, hooked=False)
+            later = {row["id"]: first[row["id"]] for row in rows if row["later"]}
+            finished.update((row["id"], Finished()) for row in rows if not row["later"])
+            if later:
+                async with conn.transaction():
+                    for row in await _finish_rows(conn, later, hooked=True):
+                        job_id = row["id"]
+                        finished[job_id] = Finished(
+                            await _insert_with_delivery(conn, job_id, later[job_id], row))
         return [finished.pop(job_id, None) for job_id, _ in items]  # a repeat finds None
 
     async def park(self, job_id: uuid.UUID, worker_id: str, attempts: int,
@@ -709,6 +710,18 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     rolls back a transaction left open itself, and Ferry keeps no other session state on
     pooled connections (LISTEN has a connection of its own; `advisory_lock` unlocks, or ends
     the session when it cannot)."""
+
+
+async def _finish_rows(conn: asyncpg.Connection, jobs: dict[uuid.UUID, Outcome], *,
+                       hooked: bool) -> list[asyncpg.Record]:
+    outcomes = list(jobs.values())
+    return await conn.fetch(
+        _FINISH, list(jobs), [o.status for o in outcomes], [o.attempts for o in outcomes],
+        [o.http_status for o in outcomes], [o.error_type for o in outcomes],
+        [o.stop_reason for o in outcomes], [o.input_tokens for o in outcomes],
+        [o.output_tokens for o in outcomes], [o.cache_creation_input_tokens for o in outcomes],
+        [o.cache_read_input_tokens for o in outcomes], [o.served_provider for o in outcomes],
+        [o.served_model for o in outcomes], [o.body.decode() for o in outcomes], hooked)
 
 
 async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,

@@ -22,7 +22,7 @@ from shared.errors import InvalidRequest
 from shared.jobs import JobEnvelope, format_job_id, new_job_id
 from shared.keys import KeyRecord, Limits
 from shared.settings import Settings
-from shared.store import NewJob, Outcome, Store
+from shared.store import Finished, NewJob, Outcome, Store
 from shared.webhooks import new_secret
 from shared.webhookstore import Listing, WebhookStore
 from tests.acceptance.webhook_receiver import Receiver, running_receiver
@@ -90,6 +90,24 @@ async def test_a_job_without_an_endpoint_has_no_delivery(
     assert finished_job is not None and finished_job.delivery_id is None
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
     assert await store.finish(await new_job(store, None), completed()) is True
+
+
+async def test_a_batch_of_finishes_writes_deliveries_only_for_jobs_with_an_endpoint(
+        store: Store, hooks: WebhookStore, db: asyncpg.Connection) -> None:
+    endpoint = await hooks.add("mixed", "http://127.0.0.1:9/h", new_secret(), True, [])
+    plain = [await new_job(store, None) for _ in range(3)]
+    hooked = [await new_job(store, endpoint.id) for _ in range(2)]
+    ids = [plain[0], hooked[0], plain[1], hooked[1], plain[2]]
+    results = await store.finish_jobs([(job_id, completed()) for job_id in ids])
+    assert all(isinstance(r, Finished) for r in results)
+    delivered = [r.delivery_id if isinstance(r, Finished) else None for r in results]
+    assert delivered[0] is delivered[2] is delivered[4] is None
+    rows = await db.fetch("SELECT id, job_id, state FROM webhook_deliveries")
+    assert {(r["id"], r["job_id"], r["state"]) for r in rows} == {
+        (delivered[1], hooked[0], "pending"), (delivered[3], hooked[1], "pending")}
+    assert await db.fetchval("SELECT count(*) FROM job_results WHERE job_id = ANY($1)",
+                             ids) == 5
+    assert await db.fetchval("SELECT count(*) FROM job_payloads") == 0
 
 
 async def test_an_endpoint_disabled_before_the_job_ended_gets_a_failed_delivery(
