@@ -71,6 +71,18 @@ class BenchDB:
             "SELECT extract(epoch FROM max(completed_at))::float8 FROM jobs")
         return float(value or 0.0)
 
+    async def wal_bytes(self) -> int:
+        """WAL written by the whole cluster since its statistics were reset."""
+        return int(await self._conn.fetchval("SELECT wal_bytes FROM pg_stat_wal"))
+
+    async def bytes_per_job(self) -> float:
+        """What the job tables take on disk (indexes and TOAST included), per job row."""
+        row = await self._conn.fetchrow(
+            "SELECT pg_total_relation_size('jobs') + pg_total_relation_size('job_results')"
+            " + pg_total_relation_size('job_payloads') AS size,"
+            " (SELECT count(*) FROM jobs) AS n")
+        return float(row["size"]) / max(int(row["n"]), 1)
+
     async def job_ids(self) -> list[uuid.UUID]:
         return [r["id"] for r in await self._conn.fetch("SELECT id FROM jobs")]
 

@@ -83,6 +83,22 @@ and empties the fake provider's call log.
    against its `POST /v1/messages` with the same bodies. Ratios are Ferry / LiteLLM (< 1:
    Ferry is faster / lower).
 
+10. *Pacing* (`--only pacing`): the fake provider limits each key (`POST /_fake/config`, a
+   token bucket holding 1 s of its rate, 429 + `retry-after` past it, the limit per minute in
+   Anthropic's headers); the learned pacing state is deleted before each row (a cold start);
+   1,200 async jobs (`--quick` 400) submitted at once over 64 connections, with workers
+   running; time = last `completed_at` − first `submitted_at`, against N / R; the 429 share is
+   the fake provider's own count of calls by key and status. Rows: 2 workers with
+   `FERRY_PACING=off` (each worker honours only its own 429s: the before), then 2 and 4
+   workers on one key at 40 req/s, and on two keys at 30 + 10 req/s.
+11. *Capacity* (`--only capacity`): 20,000 durable submits (`--quick` 4,000) with no worker,
+   then the same jobs drained by 2 workers, then 10 s of closed-loop sync requests; for each
+   phase the CPU ticks of every process group (api, workers, RabbitMQ, PostgreSQL) over the
+   phase divided by the requests it completed; WAL from `pg_stat_wal.wal_bytes` (the whole
+   cluster) before and after; bytes per job from `pg_total_relation_size` of the job tables.
+   The projection rows multiply the CPU per job by a target rate at 70 % utilisation
+   (docs/scaling.md reads them).
+
 `--profile` samples the api with py-spy (200 Hz, non-blocking) during the saturation runs of
 scenarios 1 and 3 and adds where its CPU went, by library and by function.
 """

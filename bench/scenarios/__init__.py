@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 
 from bench.context import Bench
 from bench.scenarios.batches import run_batches
+from bench.scenarios.capacity import run_capacity
 from bench.scenarios.faults import run_faults
 from bench.scenarios.interactive import run_stream, run_sync
 from bench.scenarios.jobs import run_jobs
@@ -24,4 +25,5 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "batches": run_batches,
     "faults": run_faults,
     "pacing": run_pacing,
+    "capacity": run_capacity,
 }
