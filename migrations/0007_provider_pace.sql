@@ -41,5 +41,17 @@ BEGIN
     WHERE provider = p_provider AND key_fp = p_key_fp;
 END $$;
 
+-- Calls in flight on keys with `max_concurrency` in the providers file: a lease row per call,
+-- taken under the key's pace row lock (so two workers never both take the last one); a worker
+-- that died holding one loses it when it expires.
+CREATE TABLE provider_leases (
+    id          uuid        PRIMARY KEY,
+    provider    text        NOT NULL,
+    key_fp      text        NOT NULL,
+    expires_at  timestamptz NOT NULL
+);
+
+CREATE INDEX provider_leases_key_idx ON provider_leases (provider, key_fp, expires_at);
+
 -- Provider 429s a job met: waits for a rate limit, not attempts (those count only failures).
 ALTER TABLE jobs ADD COLUMN rate_limited integer NOT NULL DEFAULT 0;

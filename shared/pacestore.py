@@ -4,6 +4,7 @@ a provider's "wait" (a 429's retry-after) so that every worker honours it."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass
 
 from shared.store import Store
@@ -54,6 +55,34 @@ class PaceStore:
                 " greatest(p.tok_tat, clock_timestamp()) + make_interval(secs => $4),"
                 " updated_at = clock_timestamp()",
                 provider, key_fp, interval_s, seconds)
+
+    async def acquire_lease(self, provider: str, key_fp: str, limit: int,
+                            ttl_s: float) -> uuid.UUID | None:
+        """A place among the key's `limit` calls in flight, or None when all are taken."""
+        lease = uuid.uuid4()
+        async with self._store._conn() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO provider_pace (provider, key_fp, interval_s) VALUES ($1, $2, 1)"
+                " ON CONFLICT (provider, key_fp) DO NOTHING", provider, key_fp)
+            await conn.execute("SELECT 1 FROM provider_pace WHERE provider = $1"
+                               " AND key_fp = $2 FOR UPDATE", provider, key_fp)
+            taken = await conn.fetchval(
+                "SELECT count(*) FROM provider_leases WHERE provider = $1 AND key_fp = $2"
+                " AND expires_at > now()", provider, key_fp)
+            if taken >= limit:
+                await conn.execute(
+                    "DELETE FROM provider_leases WHERE provider = $1 AND key_fp = $2"
+                    " AND expires_at <= now()", provider, key_fp)
+                return None
+            await conn.execute(
+                "INSERT INTO provider_leases (id, provider, key_fp, expires_at)"
+                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                lease, provider, key_fp, float(ttl_s))
+        return lease
+
+    async def release_lease(self, lease: uuid.UUID) -> None:
+        async with self._store._conn() as conn:
+            await conn.execute("DELETE FROM provider_leases WHERE id = $1", lease)
 
     async def learned(self, provider: str, key_fp: str) -> float | None:
         """The interval another worker paced this key at, if any did recently."""

@@ -35,7 +35,7 @@ class KeyConfig(BaseModel):
     weight: float = Field(1.0, gt=0)
     # What the provider allows this key, if you know it (workers also learn it from the
     # provider's rate-limit headers; the lower figure wins): requests and tokens per minute,
-    # and calls in flight at once (per worker process).
+    # and calls in flight at once (over all workers).
     rpm: float | None = Field(None, gt=0)
     tpm: float | None = Field(None, gt=0)
     max_concurrency: int | None = Field(None, ge=1)

@@ -75,7 +75,8 @@ def build_providers(settings: Settings, providers: Providers, session: aiohttp.C
                               else settings.retry_max_s,
                               settings.max_rate_limited),
         )
-    pacer = Pacer(pace_store, limits, metrics, learn=settings.pacing)
+    pacer = Pacer(pace_store, limits, metrics, learn=settings.pacing,
+                  lease_s=settings.provider_timeout_s + 60)
     return ProviderSet(entries, metrics, pacer, settings.pace_horizon_s)
 
 

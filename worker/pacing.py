@@ -4,7 +4,8 @@ What a key allows is learned from the provider's own answers: Anthropic's
 `anthropic-ratelimit-requests-{limit,remaining}` (the OpenAI adapter translates
 `x-ratelimit-*-requests` into the same names), whose limit is per minute; and a 429's
 `retry-after`. The providers file may also set `rpm` and `tpm` per key (the lower of the
-configured and the learned rate wins) and `max_concurrency`.
+configured and the learned rate wins) and `max_concurrency` (calls in flight over all workers:
+a lease row per call in `provider_leases`; a stream holds its place until its last event).
 
 A key is paced only while it needs to be ("engaged"): once fewer requests remain than
 ENGAGE_SECONDS of its rate, after a 429, or always when the providers file sets a limit. A
@@ -28,7 +29,10 @@ take at that rate (streams are not debited: their usage is known only at the end
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -115,16 +119,36 @@ class _Key:
         return 1 / (self.rate * SAFETY) if self.rate else 0.001
 
 
-class Slot:
-    """One call's turn on a key: report what the provider answered through it."""
+Release = Callable[[], Coroutine[Any, Any, None]]
 
-    def __init__(self, pacer: Pacer, key: _Key) -> None:
+
+class Slot:
+    """One call's turn on a key: report what the provider answered through it. A call with a
+    place among the key's `max_concurrency` gives it back when the `with` ends, unless it
+    `keep()`s it (a stream, which stays in flight until its last event)."""
+
+    def __init__(self, pacer: Pacer, key: _Key, release: Release | None) -> None:
         self._pacer = pacer
         self._key = key
+        self._release = release
 
     def answered(self, headers: Headers, status: int | None = None,
                  retry_after: float | None = None, tokens: int | None = None) -> None:
         self._pacer._learn(self._key, headers, status, retry_after, tokens)
+
+    @property
+    def holds_place(self) -> bool:
+        return self._release is not None
+
+    def keep(self) -> Callable[[], None]:
+        """Hold the place in flight past the `with`; call what this returns to give it back."""
+        release, self._release = self._release, None
+        return lambda: self._pacer._background(release()) if release is not None else None
+
+    async def _end(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            await release()
 
 
 class Pacer:
@@ -133,8 +157,10 @@ class Pacer:
 
     def __init__(self, store: PaceStore | None, limits: Mapping[tuple[str, str], KeyLimits]
                  | None = None, metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, learn: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, learn: bool = True,
+                 lease_s: float = 660.0) -> None:
         self._learning = learn
+        self._lease_s = lease_s  # a place in flight outlives a worker that died holding it
         self._store = store if learn else None
         self._limits = dict(limits or {}) if learn else {}
         self._metrics = metrics or Metrics()
@@ -161,22 +187,68 @@ class Pacer:
         `wait_max_s`, or if the provider's own retry-after keeps the key shut for longer than
         `block_max_s` (default: `wait_max_s`)."""
         state = self._key(provider, key)
-        probing = await self._turn(state, wait_max_s,
-                                   wait_max_s if block_max_s is None else block_max_s)
+        probing = await self._probe(state)
+        slot: Slot | None = None
         try:
-            if state.concurrency is not None:
-                async with state.concurrency:
-                    yield Slot(self, state)
-            else:
-                yield Slot(self, state)
+            # Neither waits while holding the other: a place in flight is taken first (no
+            # rate slot goes unused meanwhile), then the turn.
+            slot = Slot(self, state, await self._place(state, wait_max_s))
+            if not probing:
+                await self._turn(state, wait_max_s,
+                                 wait_max_s if block_max_s is None else block_max_s)
+            yield slot
         finally:
-            state.seen = True
-            if probing and state.probe is not None:
-                state.probe.set_result(None)
-                state.probe = None
+            if probing:
+                state.seen = True
+                if state.probe is not None:
+                    state.probe.set_result(None)
+                    state.probe = None
+            if slot is not None:
+                await asyncio.shield(slot._end())
 
-    async def _turn(self, state: _Key, horizon_s: float, block_max_s: float) -> bool:
-        """Wait for a slot; True when this call is the key's probe."""
+    async def _place(self, state: _Key, wait_max_s: float) -> Release | None:
+        """A place among the key's `max_concurrency` calls in flight over all workers (a
+        lease row each), or, while the database is away, among this worker's."""
+        limit = state.limits.max_concurrency
+        if limit is None:
+            return None
+        deadline = self._clock() + wait_max_s
+        delay = 0.02
+        while self._store is not None:
+            try:
+                lease = await self._store.acquire_lease(state.provider, state.fingerprint,
+                                                        limit, self._lease_s)
+            except Unavailable:
+                break
+            if lease is not None:
+                return functools.partial(self._release_lease, lease)
+            if self._clock() + delay > deadline:
+                raise Saturated(delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 0.5)
+        assert state.concurrency is not None
+        try:
+            await asyncio.wait_for(state.concurrency.acquire(),
+                                   max(deadline - self._clock(), 0.0))
+        except TimeoutError:
+            raise Saturated(1.0) from None
+        semaphore = state.concurrency
+
+        async def release() -> None:
+            semaphore.release()
+
+        return release
+
+    async def _release_lease(self, lease: uuid.UUID) -> None:
+        assert self._store is not None
+        try:
+            await self._store.release_lease(lease)
+        except Unavailable:
+            pass  # it expires instead
+
+    async def _probe(self, state: _Key) -> bool:
+        """True when this call is the first on a key nothing is known of (the others wait for
+        its answer, at most PROBE_WAIT_S)."""
         while self._learning and not state.seen and not state.engaged:
             if state.probe is None:
                 state.probe = asyncio.get_running_loop().create_future()
@@ -196,6 +268,10 @@ class Pacer:
                 await asyncio.wait_for(asyncio.shield(state.probe), PROBE_WAIT_S)
             except TimeoutError:
                 break  # a slow probe: go on unpaced, as before anything was known
+        return False
+
+    async def _turn(self, state: _Key, horizon_s: float, block_max_s: float) -> None:
+        """Wait for this call's slot on the key."""
         wait = max(state.blocked_until - self._clock(), 0.0)
         if wait > block_max_s:
             raise Saturated(wait)
@@ -206,7 +282,6 @@ class Pacer:
         if wait > 0:
             self._metrics.pace_wait_seconds.labels(state.provider).observe(wait)
             await asyncio.sleep(wait)
-        return False
 
     async def _learned(self, state: _Key) -> float | None:
         if self._store is None:

@@ -6,15 +6,15 @@ import functools
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from shared.jobs import JobEnvelope
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
-from worker.pacing import Pacer, Saturated
+from worker.pacing import Pacer, Saturated, Slot
 from worker.providers.base import (
     CallContext,
     Headers,
@@ -235,6 +235,8 @@ class ProviderSet:
                     slot.answered(exc.headers, exc.status, exc.retry_after)
                     raise
                 slot.answered(*_answer_facts(result))
+                if slot.holds_place:
+                    result = _holding_place(result, slot)
         except Saturated as full:
             paced = Paced(name, full.wait_s)
             entry.keys.report(key, paced)
@@ -265,3 +267,21 @@ def _answer_facts(result: object) -> tuple[Headers, int, None, int | None]:
     if isinstance(result, tuple) and result and isinstance(result[0], SSEEvent):
         return result[0].headers, 200, None, None
     return (), 200, None, None
+
+
+def _holding_place(result: T, slot: Slot) -> T:
+    """A stream stays in flight (on a key with max_concurrency) until its last event."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], SSEEvent):
+        first, events = result
+        return cast(T, (first, _until_closed(events, slot.keep())))
+    return result
+
+
+async def _until_closed(events: AsyncGenerator[SSEEvent, None],
+                        release: Callable[[], None]) -> AsyncGenerator[SSEEvent, None]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        release()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from shared.pacestore import PaceStore, key_fingerprint
 from shared.store import Store
-from worker.pacing import SAFETY, Pacer
+from worker.pacing import SAFETY, KeyLimits, Pacer, Saturated
 
 RATE = 20  # requests per second the "provider" allows
 
@@ -77,3 +79,31 @@ async def test_a_new_worker_starts_from_what_the_others_learned(store: Store) ->
     new = Pacer(PaceStore(store))
     await paced_call(new)
     assert new.rate("anthropic", "sk-test") is not None
+
+
+async def test_max_concurrency_holds_over_all_workers(store: Store) -> None:
+    limits = {("anthropic", "sk-test"): KeyLimits(max_concurrency=2)}
+    workers = [Pacer(PaceStore(store), limits) for _ in range(3)]
+    running = peak = 0
+
+    async def one(pacer: Pacer) -> None:
+        nonlocal running, peak
+        async with pacer.slot("anthropic", "sk-test", 30):
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+
+    await asyncio.gather(*(one(workers[n % 3]) for n in range(9)))
+    assert peak == 2  # three workers, two places
+    async with store._conn() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM provider_leases") == 0
+
+
+async def test_no_place_within_the_horizon_is_saturated(store: Store) -> None:
+    limits = {("anthropic", "sk-test"): KeyLimits(max_concurrency=1)}
+    a, b = Pacer(PaceStore(store), limits), Pacer(PaceStore(store), limits)
+    async with a.slot("anthropic", "sk-test", 30):
+        with pytest.raises(Saturated):
+            async with b.slot("anthropic", "sk-test", 0.2):
+                pass
