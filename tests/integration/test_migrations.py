@@ -112,7 +112,7 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     assert {r["table_name"] for r in tables} == {
         "jobs", "job_results", "job_payloads", "idempotency_keys", "schema_migrations",
         "api_keys", "key_usage", "key_leases", "webhook_endpoints", "webhook_endpoint_keys",
-        "webhook_deliveries", "webhook_attempts", "batches", "provider_pace"}
+        "webhook_deliveries", "webhook_attempts", "batches", "provider_pace", "provider_leases"}
     rows = await db.fetch(
         "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
     )
@@ -149,6 +149,8 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("webhook_attempts", "webhook_attempts_pkey"),
         ("webhook_attempts", "webhook_attempts_started_at_idx"),
         ("provider_pace", "provider_pace_pkey"),
+        ("provider_leases", "provider_leases_pkey"),
+        ("provider_leases", "provider_leases_key_idx"),
         ("batches", "batches_pkey"),
         ("batches", "batches_caller_created_idx"),
         ("batches", "batches_in_progress_idx"),
