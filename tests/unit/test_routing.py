@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -14,7 +15,14 @@ from shared.jobs import JobEnvelope
 from shared.providers import ProviderConfigError, Route, load_providers
 from shared.settings import Settings
 from worker.main import resolve_key
-from worker.providers.base import CallContext, ProviderError, ProviderResponse, SSEEvent
+from worker.pacing import KeyLimits, Pacer
+from worker.providers.base import (
+    CallContext,
+    Provider,
+    ProviderError,
+    ProviderResponse,
+    SSEEvent,
+)
 from worker.retry import Attempts, RetryLater, RetryPolicy
 from worker.routing import KeyPool, ProviderEntry, ProviderSet, body_for_route, replace_model
 
@@ -309,3 +317,28 @@ async def test_delayed_retry_resumes_the_attempt_count() -> None:
         await ProviderSet({"anthropic": entry(primary, attempts=3)}).call(
             envelope(), create, attempts, prior=2)
     assert len(primary.bodies) == 1 and attempts.count == 1
+
+
+# --- pacing: a stream holds its place in flight until its last event -------------------------
+
+
+async def test_a_stream_keeps_its_place_among_max_concurrency_until_closed() -> None:
+    async def stream(provider: Provider, body: bytes, ctx: CallContext
+                     ) -> tuple[SSEEvent, AsyncGenerator[SSEEvent, None]]:
+        async def rest() -> AsyncGenerator[SSEEvent, None]:
+            yield SSEEvent("message_stop", b"{}")
+
+        return SSEEvent("message_start", b"{}"), rest()
+
+    pacer = Pacer(None, {("anthropic", "k"): KeyLimits(max_concurrency=1)})
+    providers = ProviderSet({"anthropic": entry(Scripted([]))}, pacer=pacer)
+    (first, events), _ = await providers.call(envelope(), stream, Attempts())
+    assert first.event == "message_start"
+    with pytest.raises(ProviderError) as refused:  # the one place is the open stream's
+        await providers.call(envelope(), create, Attempts())
+    assert refused.value.status == 429
+    assert [e.event async for e in events] == ["message_stop"]
+    await events.aclose()
+    await asyncio.sleep(0)  # the place is given back in the background
+    _, route = await providers.call(envelope(), create, Attempts())
+    assert route.provider == "anthropic"
