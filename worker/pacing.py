@@ -394,7 +394,3 @@ class Pacer:
                                            seconds)
         except Unavailable:
             pass
-
-    async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
