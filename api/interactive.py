@@ -52,7 +52,8 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
     try:
         await broker.publish_interactive(envelope)
         first = await _next(inbox, settings.pickup_timeout_s)
-        admission.settled(job_id)
+        if first is not None:
+            admission.answered(job_id)
         if first is None:
             raise Overloaded(f"no worker took the request within {settings.pickup_timeout_s:g} s;"
                              " retry later", headers={"retry-after": "1"})

@@ -143,10 +143,11 @@ class Settings(BaseSettings):
     )
     ping_interval_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PING_INTERVAL"))
     # Admission (api/admission.py): new sync/stream requests are refused with 529 once the
-    # estimated queueing delay (event-loop lag, oldest request no worker answered) has stayed
-    # above the target for an interval; at once past the wait, or past the in-flight cap.
+    # queueing delay they meet (before a worker answers; the api's event-loop lag) has stayed
+    # above the target for an interval; at once when a request has waited for a worker past
+    # the wait, or past the in-flight cap.
     admission_target_s: float = Field(
-        0.02, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+        0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
     admission_interval_s: float = Field(
         0.1, gt=0, validation_alias=_env("FERRY_ADMISSION_INTERVAL"))
     admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))

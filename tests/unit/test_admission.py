@@ -9,6 +9,8 @@ import pytest
 from api.admission import Admission
 from shared.errors import Overloaded
 
+TARGET, INTERVAL = 0.2, 0.1
+
 
 class Clock:
     def __init__(self) -> None:
@@ -18,13 +20,9 @@ class Clock:
         return self.now
 
 
-def admission(clock: Clock, **overrides: float) -> Admission:
-    options: dict[str, float] = dict(target_s=0.02, interval_s=0.1, max_wait_s=1.0,
-                                     max_in_flight=100)
-    options.update(overrides)
-    return Admission(target_s=options["target_s"], interval_s=options["interval_s"],
-                     max_wait_s=options["max_wait_s"],
-                     max_in_flight=int(options["max_in_flight"]), clock=clock)
+def gate_on(clock: Clock, *, max_wait_s: float = 1.0, max_in_flight: int = 1000) -> Admission:
+    return Admission(target_s=TARGET, interval_s=INTERVAL, max_wait_s=max_wait_s,
+                     max_in_flight=max_in_flight, clock=clock)
 
 
 def admitted(gate: Admission) -> bool:
@@ -37,108 +35,145 @@ def admitted(gate: Admission) -> bool:
     return True
 
 
+def serve(gate: Admission, clock: Clock, *, rate: float, seconds: float,
+          waiting: int) -> list[uuid.UUID]:
+    """Workers answering `rate` requests/s, one after the other, for `seconds`; then
+    `waiting` requests queue up."""
+    for _ in range(int(rate * seconds)):
+        job = uuid.uuid4()
+        gate.published(job)
+        clock.now += 1 / rate
+        gate.answered(job)
+    queued = [uuid.uuid4() for _ in range(waiting)]
+    for job in queued:
+        gate.published(job)
+    return queued
+
+
 def test_an_idle_gate_admits() -> None:
     clock = Clock()
-    gate = admission(clock)
+    gate = gate_on(clock)
     assert all(admitted(gate) for _ in range(1000))
     assert gate.refused == 0
 
 
-def test_a_delay_above_target_for_less_than_an_interval_is_a_burst_and_admitted() -> None:
+def test_the_delay_is_the_queue_over_the_answer_rate() -> None:
     clock = Clock()
-    gate = admission(clock)
-    gate.lag(0.05)
-    assert admitted(gate)
-    clock.now += 0.09
-    assert admitted(gate)
-    gate.lag(0.01)  # the queue drained within the interval
-    clock.now += 0.05
-    assert admitted(gate)
-    gate.lag(0.05)
-    clock.now += 0.09
-    assert admitted(gate)  # a new excursion starts its own interval
+    gate = gate_on(clock)
+    queued = serve(gate, clock, rate=500, seconds=5, waiting=50)
+    assert gate.delay(clock.now) == pytest.approx(50 / 500, rel=0.05)
+    for job in queued:
+        gate.answered(job)
+    assert gate.delay(clock.now) == 0
 
 
-def test_a_delay_that_stays_above_target_for_an_interval_is_refused_until_it_falls() -> None:
+def test_a_queue_under_the_target_is_admitted_however_long_it_stands() -> None:
+    """A closed-loop client at saturation: its connections bound the queue."""
     clock = Clock()
-    gate = admission(clock)
-    gate.lag(0.05)
+    gate = gate_on(clock)
+    queued = serve(gate, clock, rate=500, seconds=5, waiting=60)  # 120 ms
+    for _ in range(2000):  # each answer brings the next request from its connection
+        clock.now += 1 / 500
+        gate.answered(queued.pop(0))
+        queued.append(uuid.uuid4())
+        gate.published(queued[-1])
+        assert admitted(gate)
+
+
+def test_a_queue_above_the_target_for_less_than_an_interval_is_a_burst() -> None:
+    clock = Clock()
+    gate = gate_on(clock)
+    queued = serve(gate, clock, rate=500, seconds=5, waiting=150)  # 300 ms
     assert admitted(gate)
-    clock.now += 0.101
+    clock.now += INTERVAL * 0.9
+    assert admitted(gate)
+    for job in queued:
+        gate.answered(job)
+    assert admitted(gate)
+
+
+def test_a_queue_that_stays_above_the_target_is_refused_until_it_falls() -> None:
+    clock = Clock()
+    gate = gate_on(clock)
+    queued = serve(gate, clock, rate=500, seconds=5, waiting=150)
+    assert admitted(gate)
+    clock.now += INTERVAL * 1.01
     assert not admitted(gate)
     assert not admitted(gate)
-    gate.lag(0.015)
+    for job in queued[:100]:
+        gate.answered(job)
     assert admitted(gate)
     assert gate.refused == 2
 
 
-def test_right_after_a_refusal_spell_a_standing_delay_is_refused_without_new_grace() -> None:
+def test_right_after_a_refusal_spell_a_queue_that_stands_again_gets_no_grace() -> None:
     clock = Clock()
-    gate = admission(clock)
-    gate.lag(0.05)
-    clock.now += 0.101
+    gate = gate_on(clock)
+    queued = serve(gate, clock, rate=500, seconds=5, waiting=150)
+    assert admitted(gate)
+    clock.now += INTERVAL * 1.01
     assert not admitted(gate)
-    gate.lag(0.01)
-    clock.now += 0.01
+    for job in queued:
+        gate.answered(job)
     assert admitted(gate)
-    gate.lag(0.05)
-    clock.now += 0.01
-    assert not admitted(gate)  # the queue is back within an interval of the last refusal
-    gate.lag(0.01)
-    clock.now += 0.5
-    assert admitted(gate)
-    gate.lag(0.05)
+    clock.now += INTERVAL / 10
+    again = serve(gate, clock, rate=500, seconds=0.01, waiting=400)
+    assert not admitted(gate)  # within an interval of the last refusal
+    for job in again:
+        gate.answered(job)
+    clock.now += 10
+    serve(gate, clock, rate=500, seconds=0.01, waiting=400)
     assert admitted(gate)  # long after: a new burst gets its grace again
 
 
-def test_the_oldest_request_no_worker_answered_counts_as_delay() -> None:
+def test_the_answer_rate_is_kept_through_an_idle_spell() -> None:
+    """A burst after a quiet minute is measured against what the workers managed while
+    busy, not mistaken for a queue because few answers came lately."""
     clock = Clock()
-    gate = admission(clock)
-    first, second = uuid.uuid4(), uuid.uuid4()
-    gate.published(first)
-    clock.now += 0.05
-    gate.published(second)
-    assert admitted(gate)  # above target, not yet for an interval
-    clock.now += 0.101
+    gate = gate_on(clock)
+    serve(gate, clock, rate=500, seconds=5, waiting=0)
+    clock.now += 60
+    for _ in range(64):
+        gate.published(uuid.uuid4())
+    assert gate.delay(clock.now) == pytest.approx(64 / 500, rel=0.05)
+
+
+def test_before_any_answer_the_delay_is_the_oldest_wait() -> None:
+    clock = Clock()
+    gate = gate_on(clock)
+    gate.published(uuid.uuid4())
+    clock.now += 0.5
+    gate.published(uuid.uuid4())
+    assert gate.delay(clock.now) == pytest.approx(0.5)
+
+
+def test_a_request_waiting_past_the_wait_refuses_at_once() -> None:
+    clock = Clock()
+    gate = gate_on(clock, max_wait_s=1.0)
+    job = uuid.uuid4()
+    gate.published(job)
+    clock.now += 1.01
     assert not admitted(gate)
-    gate.settled(first)  # the second one has waited 0.1 s: still above
-    assert not admitted(gate)
-    gate.settled(second)
+    gate.settled(job)
     assert admitted(gate)
-    assert gate.waiting == 0
-
-
-def test_a_delay_past_the_wait_is_refused_at_once() -> None:
-    clock = Clock()
-    gate = admission(clock)
-    gate.lag(1.5)
-    assert not admitted(gate)
 
 
 def test_past_the_in_flight_cap_requests_are_refused_at_once() -> None:
     clock = Clock()
-    gate = admission(clock, max_in_flight=2)
+    gate = gate_on(clock, max_in_flight=2)
     gate.in_flight = 2
     assert not admitted(gate)
     gate.in_flight = 1
     assert admitted(gate)
 
 
-def test_the_lag_probe_alone_moves_the_state_between_requests() -> None:
-    """A delay above target seen by the probe starts the interval even if no request came."""
+def test_an_event_loop_lag_above_the_target_for_an_interval_refuses() -> None:
     clock = Clock()
-    gate = admission(clock)
-    gate.lag(0.05)
-    clock.now += 0.101
-    gate.lag(0.05)
+    gate = gate_on(clock)
+    gate.lag(TARGET * 2)
+    assert admitted(gate)
+    clock.now += INTERVAL * 1.01
+    gate.lag(TARGET * 2)
     assert not admitted(gate)
-
-
-@pytest.mark.parametrize("lag", [0.0, 0.02])
-def test_a_delay_at_or_below_target_never_refuses(lag: float) -> None:
-    clock = Clock()
-    gate = admission(clock)
-    for _ in range(100):
-        gate.lag(lag)
-        clock.now += 0.05
-        assert admitted(gate)
+    gate.lag(TARGET / 2)
+    assert admitted(gate)
