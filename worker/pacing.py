@@ -18,7 +18,7 @@ async job goes to a delay queue for that long, a sync request gets a 429.
 
 The first call on a key nobody has paced yet goes alone (a probe), so that a cold start does
 not fire a whole prefetch at a provider whose limit is unknown; the others wait for its answer
-(at most PROBE_WAIT_S). While the database is away, each worker paces on its own at the
+(at most PROBE_WAIT_S, 0.5 s). While the database is away, each worker paces on its own at the
 learned rate.
 
 Tokens: for a key with a token limit (`tpm`, or learned from `anthropic-ratelimit-tokens-*`
@@ -48,7 +48,7 @@ log = get_logger("ferry.pacing")
 
 ENGAGE_SECONDS = 2.0  # pace a key once fewer requests than this many seconds' worth remain
 SAFETY = 0.97  # pace a little under the limit: clocks and networks jitter
-PROBE_WAIT_S = 2.0
+PROBE_WAIT_S = 0.5  # a slow first answer holds the others back no longer than this
 DEFAULT_WAIT_S = 1.0  # a 429 without retry-after
 
 
