@@ -48,6 +48,7 @@ class LoadResult:
     latency: HdrHistogram = field(default_factory=new_histogram)
     first_event: HdrHistogram | None = None
     lag: HdrHistogram = field(default_factory=new_histogram)
+    refused: HdrHistogram = field(default_factory=new_histogram)  # open loop: the 529s
     span_s: float = 0.0
     cpu_s: float = 0.0
     wall_s: float = 0.0
@@ -73,7 +74,7 @@ class LoadResult:
         if which == "latency" and self.percentiles is not None:
             return self.percentiles.get(q)
         hist = self.latency if which == "latency" else self.first_event if which == "first" \
-            else self.lag
+            else self.refused if which == "refused" else self.lag
         if hist is None or hist.get_total_count() == 0:
             return None
         if q >= 100:
@@ -170,6 +171,7 @@ async def _run(procs: Processes, specs: list[Spec], result: LoadResult,
             result.errors[kind] = result.errors.get(kind, 0) + n
         result.latency.decode_and_add(out["latency"])
         result.lag.decode_and_add(out["lag"])
+        result.refused.decode_and_add(out["refused"])
         if result.first_event is not None and out["first_event"]:
             result.first_event.decode_and_add(out["first_event"])
         if out["first_send"] is not None:

@@ -54,6 +54,7 @@ class Tally:
     latency: HdrHistogram = field(default_factory=new_histogram)
     first_event: HdrHistogram = field(default_factory=new_histogram)
     lag: HdrHistogram = field(default_factory=new_histogram)
+    refused: HdrHistogram = field(default_factory=new_histogram)  # 529s, from intended send
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     first_send: float | None = None  # monotonic, of recorded requests
@@ -114,6 +115,8 @@ async def _open_loop(session: aiohttp.ClientSession, spec: Spec, tally: Tally,
         tally.lag.record_value(max(1, round((start - intended) * 1e6)))
         if error:
             tally.error(error)
+            if error == "http_529":
+                tally.refused.record_value(max(1, round((done - intended) * 1e6)))
         else:
             tally.success(intended, done, done - intended,
                           None if first is None else first - intended)
@@ -186,6 +189,7 @@ async def run(spec: Spec) -> dict[str, Any]:
         "latency": tally.latency.encode().decode(),
         "first_event": tally.first_event.encode().decode() if spec.stream else None,
         "lag": tally.lag.encode().decode(),
+        "refused": tally.refused.encode().decode(),
         # Wall-clock span of the recorded requests: first send (intended, in open loop) to
         # last completion. The parent takes the union over processes.
         "first_send": None if tally.first_send is None else tally.first_send - origin

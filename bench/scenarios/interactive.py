@@ -10,11 +10,14 @@ from bench.stack import ferry_headers, sync_body
 
 SYNC_RATES = (100, 300, 1000)
 SATURATION_CONNECTIONS = 64
+OVERLOAD_FACTOR = 3  # the overload row offers this multiple of Ferry's closed-loop maximum
 STREAM_RATE = 50
 STREAM_CHUNKS = 20
 
 OPEN_HOW = "open-loop, latency from intended send time (HdrHistogram)"
 CLOSED_HOW = "closed-loop, max completed/s; latency from actual send"
+OVERLOAD_HOW = (f"open-loop at {OVERLOAD_FACTOR}× Ferry's closed-loop maximum of the same run; "
+                "latency of the 200s from intended send time")
 STREAM_HOW = (f"open-loop; first `event:` line and end of stream from intended send time; "
               f"{STREAM_CHUNKS} text deltas, no upstream delay")
 
@@ -62,10 +65,38 @@ async def run_sync(b: Bench) -> None:
         b.report.figure(scenario, f"max RPS, {name}", f"{fmt_rate(result.achieved_rps)}/s",
                         result.describe_load(), f"{result.duration:g} s",
                         "completed 200s / measured window")
+    refused = ferry.errors.get("http_529", 0)
+    b.report.figure(scenario, "closed-loop refusals, ferry",
+                    f"{refused} of {ferry.ok + ferry.error_count}", ferry.describe_load(),
+                    f"{ferry.duration:g} s", "529s among the requests of the measured window")
+    if ferry.achieved_rps:
+        await _overload(b, scenario, body, ferry)
     if "litellm" in maxima and maxima["litellm"].achieved_rps:
         b.report.figure(scenario, "max RPS, Ferry/LiteLLM",
                         f"{ferry.achieved_rps / maxima['litellm'].achieved_rps:.3g}×",
                         ferry.describe_load(), f"{ferry.duration:g} s", "ratio of the two above")
+
+
+async def _overload(b: Bench, scenario: str, body: str, closed: LoadResult) -> None:
+    """Ferry offered several times what it completed in its closed loop: the excess should
+    be refused quickly with 529, the rest served at about the closed-loop rate and fast."""
+    rate = round(OVERLOAD_FACTOR * closed.achieved_rps)
+    result = await b.open(scenario, targets(b, body)[0], rate, OVERLOAD_HOW,
+                          label=f"ferry, {OVERLOAD_FACTOR}× overload")
+    await b.settle()
+    load, window = result.describe_load(), f"{result.duration:g} s"
+    b.report.figure(scenario, f"goodput at {OVERLOAD_FACTOR}× overload / closed-loop maximum",
+                    f"{result.achieved_rps / closed.achieved_rps:.0%} "
+                    f"({fmt_rate(result.achieved_rps)}/s of {fmt_rate(closed.achieved_rps)}/s)",
+                    load, window, "completed 200s/s over the closed-loop row's")
+    b.report.figure(scenario, f"accepted at {OVERLOAD_FACTOR}× overload, p50 / p99",
+                    f"{fmt_ms(result.ms(50))} / {fmt_ms(result.ms(99))} ms", load, window,
+                    "the 200s, from intended send time")
+    b.report.figure(scenario, f"refused at {OVERLOAD_FACTOR}× overload: 529s, p50 / p99 "
+                    "time to the answer",
+                    f"{result.errors.get('http_529', 0)}, {fmt_ms(result.ms(50, 'refused'))}"
+                    f" / {fmt_ms(result.ms(99, 'refused'))} ms", load, window,
+                    "the 529s, from intended send time; other errors in the row")
 
 
 async def run_stream(b: Bench) -> None:
