@@ -37,7 +37,10 @@ and empties the fake provider's call log.
 1. *Sync*: `POST /anthropic/v1/messages` (small prompt, `max_tokens` 64) through Ferry (api →
    RabbitMQ → worker → fake provider and back) vs the same body straight to the fake provider's
    `POST /v1/messages`, open loop at 100, 300 and 1000 RPS, then closed loop with 64
-   connections. *compare* on Ferry's row: Ferry − direct at p50/p99 (the added ms).
+   connections. *compare* on Ferry's row: Ferry − direct at p50/p99 (the added ms). Then
+   overload: Ferry alone, open loop at 3× its closed-loop maximum of the same run; goodput
+   (200s/s) as a share of that maximum, the 200s' p50/p99, and the 529s' count and p50/p99
+   from intended send time (how quickly the excess is refused).
 2. *Streaming*: `"stream": true`, the fake provider answers in 20 text deltas (about 27 SSE
    events) with no delay between them; time to the first `event:` line and to the end of the
    stream (a stream without `message_stop` counts as an error), open loop at 50 RPS.
