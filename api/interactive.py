@@ -83,9 +83,13 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
 
 
 async def _next(inbox: asyncio.Queue[Reply], within_s: float) -> Reply | None:
+    if not inbox.empty():
+        return inbox.get_nowait()
     try:
-        return await asyncio.wait_for(inbox.get(), max(within_s, 0))
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: no task of its own per wait (Python 3.11).
+        async with asyncio.timeout(max(within_s, 0)):
+            return await inbox.get()
+    except TimeoutError:
         return None
 
 

@@ -131,11 +131,6 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
     return JobEnvelope.decode(job_id, message.body, message.reply_to)
 
 
-def reply_message(job_id: uuid.UUID, reply: Reply) -> aio_pika.Message:
-    return aio_pika.Message(reply.encode(), correlation_id=job_id.hex,
-                            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
-
-
 def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
     """(correlation id, reply); raises ValueError for a message that is not a reply."""
     if not message.correlation_id:
@@ -462,14 +457,19 @@ class Broker:
         On a classic queue, unconfirmed: a request the broker refuses (queue full) is simply
         never picked up, and the api answers 529 when the pickup timeout passes. On a
         quorum queue (a cluster), confirmed: a refusal is a 529 at once."""
-        message = job_message(envelope)
-        message.expiration = self._settings.pickup_timeout_s
         queue = self._settings.interactive_queue
+        expiration = str(int(self._settings.pickup_timeout_s * 1000))
         try:
             if self._interactive is self._fast:
-                await self._channel(fast=True).default_exchange.publish(
-                    message, routing_key=queue, mandatory=False, timeout=PUBLISH_TIMEOUT_S)
+                hex_id = envelope.job_id.hex
+                await _send(self._channel(fast=True), envelope.encode(), "", queue,
+                            aiormq.spec.Basic.Properties(
+                                message_id=hex_id, correlation_id=hex_id,
+                                reply_to=envelope.reply_to, content_type=JOB_CONTENT_TYPE,
+                                delivery_mode=1, expiration=expiration))
             else:
+                message = job_message(envelope)
+                message.expiration = self._settings.pickup_timeout_s
                 await self._confirmed(lambda: self._usable(self._interactive), message, queue,
                                       mandatory=False)
         except aio_pika.exceptions.DeliveryError as exc:
@@ -481,15 +481,14 @@ class Broker:
     async def publish_cancel(self, job_id: uuid.UUID) -> None:
         """Tell every worker to stop (or never start) this interactive request; best effort."""
         with contextlib.suppress(Unavailable, *CONNECT_ERRORS):
-            channel = self._channel(fast=True)
-            exchange = await channel.get_exchange(self._settings.cancel_exchange, ensure=False)
-            await exchange.publish(aio_pika.Message(b"", correlation_id=job_id.hex),
-                                   routing_key="", mandatory=False, timeout=PUBLISH_TIMEOUT_S)
+            await _send(self._channel(fast=True), b"", self._settings.cancel_exchange, "",
+                        aiormq.spec.Basic.Properties(correlation_id=job_id.hex,
+                                                     delivery_mode=1))
 
     async def publish_reply(self, channel: AbstractChannel, reply_to: str, job_id: uuid.UUID,
                             reply: Reply) -> None:
-        await channel.default_exchange.publish(reply_message(job_id, reply),
-                                               routing_key=reply_to, mandatory=False)
+        await _send(channel, reply.encode(), "", reply_to, aiormq.spec.Basic.Properties(
+            correlation_id=job_id.hex, delivery_mode=1))
 
     # --- consuming -------------------------------------------------------------------------
 
@@ -609,6 +608,21 @@ class Broker:
         finally:
             with contextlib.suppress(*CONNECT_ERRORS):
                 await channel.close()
+
+
+async def _send(channel: AbstractChannel, body: bytes, exchange: str, routing_key: str,
+                properties: aiormq.spec.Basic.Properties) -> None:
+    """An unconfirmed publish on the fastest path (sync/stream requests, replies, cancels):
+    the frames are queued for the connection's writer and the call returns, instead of
+    holding the channel's lock until the socket has drained, so concurrent requests do not
+    queue behind each other's writes. Nothing is lost by it: an unconfirmed message was never
+    known to have reached the broker anyway, and a lost connection fails every waiter."""
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_publish(  # type: ignore[call-arg]  # `wait`: aiormq's, not its ABC's
+        body, exchange=exchange, routing_key=routing_key, properties=properties,
+        timeout=PUBLISH_TIMEOUT_S, wait=False)
 
 
 def topology_names(settings: Settings) -> tuple[list[str], list[str]]:
