@@ -120,6 +120,7 @@ class Outcome:
     cache_read_input_tokens: int | None = None
     served_provider: str | None = None
     served_model: str | None = None
+    rate_limited: int = 0  # provider 429s met (not attempts)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -224,12 +225,14 @@ _FINISH = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::smallint[], $5::text[],
                          $6::text[], $7::integer[], $8::integer[], $9::integer[],
-                         $10::integer[], $11::text[], $12::text[], $13::text[])
+                         $10::integer[], $11::text[], $12::text[], $13::text[],
+                         $15::integer[])
         AS t(id, status, attempts, http_status, error_type, stop_reason, input_tokens,
              output_tokens, cache_creation_input_tokens, cache_read_input_tokens,
-             served_provider, served_model, body)
+             served_provider, served_model, body, rate_limited)
 ), done AS (
     UPDATE jobs j SET status = i.status, attempts = j.attempts + i.attempts,
+           rate_limited = j.rate_limited + i.rate_limited,
            http_status = i.http_status, error_type = i.error_type,
            stop_reason = i.stop_reason, input_tokens = i.input_tokens,
            output_tokens = i.output_tokens,
@@ -721,7 +724,8 @@ async def _finish_rows(conn: asyncpg.Connection, jobs: dict[uuid.UUID, Outcome],
         [o.stop_reason for o in outcomes], [o.input_tokens for o in outcomes],
         [o.output_tokens for o in outcomes], [o.cache_creation_input_tokens for o in outcomes],
         [o.cache_read_input_tokens for o in outcomes], [o.served_provider for o in outcomes],
-        [o.served_model for o in outcomes], [o.body.decode() for o in outcomes], hooked)
+        [o.served_model for o in outcomes], [o.body.decode() for o in outcomes], hooked,
+        [o.rate_limited for o in outcomes])
 
 
 async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,

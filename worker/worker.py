@@ -26,7 +26,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 import structlog
@@ -329,6 +329,13 @@ class Worker:
 
     async def _call(self, job: _Job, envelope: JobEnvelope, claim: Claim) -> Outcome | None:
         """The provider's answer as an outcome, or None when the job was parked."""
+        outcome = await self._call_provider(job, envelope, claim)
+        if outcome is not None and job.attempts.limited:
+            outcome = replace(outcome, rate_limited=job.attempts.limited)
+        return outcome
+
+    async def _call_provider(self, job: _Job, envelope: JobEnvelope,
+                             claim: Claim) -> Outcome | None:
         s = self._settings
         remaining = job.received + s.job_deadline_s - time.monotonic()
         try:

@@ -91,4 +91,4 @@ async def test_a_429_is_not_an_attempt(
     assert await statuses(ferry) == [429, 200]
     row = await job_row(ferry.database_url, job.id)
     assert row is not None
-    assert (row["status"], row["attempts"]) == ("completed", 1)
+    assert (row["status"], row["attempts"], row["rate_limited"]) == ("completed", 1, 1)
