@@ -187,13 +187,18 @@ class Pacer:
         `wait_max_s`, or if the provider's own retry-after keeps the key shut for longer than
         `block_max_s` (default: `wait_max_s`)."""
         state = self._key(provider, key)
-        probing = await self._probe(state)
+        # The common case, a key with room and no limits configured, awaits nothing here.
+        probing = (await self._probe(state)
+                   if self._learning and not state.seen and not state.engaged else False)
         slot: Slot | None = None
         try:
             # Neither waits while holding the other: a place in flight is taken first (no
             # rate slot goes unused meanwhile), then the turn.
-            slot = Slot(self, state, await self._place(state, wait_max_s))
-            if not probing:
+            release = (await self._place(state, wait_max_s)
+                       if state.limits.max_concurrency is not None else None)
+            slot = Slot(self, state, release)
+            if not probing and (state.engaged or state.tokens_engaged
+                                or state.blocked_until > self._clock()):
                 await self._turn(state, wait_max_s,
                                  wait_max_s if block_max_s is None else block_max_s)
             yield slot
@@ -203,7 +208,7 @@ class Pacer:
                 if state.probe is not None:
                     state.probe.set_result(None)
                     state.probe = None
-            if slot is not None:
+            if slot is not None and slot.holds_place:
                 await asyncio.shield(slot._end())
 
     async def _place(self, state: _Key, wait_max_s: float) -> Release | None:
