@@ -163,7 +163,7 @@ async def run_batches(b: Bench) -> None:
                         f"{create_s:.2f} s", load, "", "client clock, first byte to answer: "
                         "read, parse, COPY into jobs, commit")
         b.report.figure(scenario, "create: api peak memory over its resident set",
-                        f"+{peak - before:.0f} MiB", load, "",
+                        f"+{max(peak - before, 0):.0f} MiB", load, "",
                         f"api VmHWM (reset before) {peak:.0f} MiB vs VmRSS {before:.0f} MiB")
 
         progress(f"{scenario}: starting 2 workers; {SINGLES} single async jobs and sync "
@@ -217,7 +217,7 @@ async def run_batches(b: Bench) -> None:
         large, large_s, large_before, large_peak = await _create(b, http, body)
         del body
         b.report.figure(scenario, "large create: seconds / api peak memory over resident",
-                        f"{large_s:.1f} s / +{large_peak - large_before:.0f} MiB",
+                        f"{large_s:.1f} s / +{max(large_peak - large_before, 0):.0f} MiB",
                         f"{count} requests, {size:.0f} MiB body, no worker running", "",
                         f"api VmHWM (reset before) {large_peak:.0f} MiB vs VmRSS "
                         f"{large_before:.0f} MiB: the body is never held whole")
