@@ -67,8 +67,9 @@ async def call_with_retries(
     max_inline_wait: float | None = None,
 ) -> T:
     """Run `call` until it succeeds, fails for good, or the attempts are used up.
-    `attempts.count` says how many calls were made, also when it raises. A wait longer than
-    `max_inline_wait` raises RetryLater instead of sleeping."""
+    `attempts.count` says how many calls counted as attempts and `attempts.limited` how many
+    were answered 429, also when it raises. A wait longer than `max_inline_wait` raises
+    RetryLater instead of sleeping; so does Ferry's own pacing (`Paced`) for an async job."""
     while True:
         attempts.count += 1
         try:
