@@ -14,10 +14,9 @@ from shared.jobs import JobEnvelope
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
-from worker.pacing import Pacer, Saturated, Slot
+from worker.pacing import Pacer, Saturated
 from worker.providers.base import (
     CallContext,
-    Headers,
     Provider,
     ProviderError,
     ProviderResponse,
@@ -234,9 +233,15 @@ class ProviderSet:
                 except ProviderError as exc:
                     slot.answered(exc.headers, exc.status, exc.retry_after)
                     raise
-                slot.answered(*_answer_facts(result))
-                if slot.holds_place:
-                    result = _holding_place(result, slot)
+                stream = _opened_stream(result)
+                if stream is not None:
+                    slot.answered(stream[0].headers)  # its usage comes only at its end
+                    if slot.holds_place:  # it stays in flight until its last event
+                        result = cast(T, (stream[0], _until_closed(stream[1], slot.keep())))
+                elif isinstance(result, ProviderResponse):
+                    slot.answered(result.headers, tokens=_tokens(result.usage))
+                else:
+                    slot.answered(())
         except Saturated as full:
             paced = Paced(name, full.wait_s)
             entry.keys.report(key, paced)
@@ -257,24 +262,17 @@ class ProviderSet:
         return result
 
 
-def _answer_facts(result: object) -> tuple[Headers, int, None, int | None]:
-    """What pacing learns from a successful call's result: its headers, and the tokens it
-    used where they are known (not for a stream, which has only just begun)."""
-    if isinstance(result, ProviderResponse):
-        usage = result.usage
-        tokens = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
-        return result.headers, 200, None, tokens or None
-    if isinstance(result, tuple) and result and isinstance(result[0], SSEEvent):
-        return result[0].headers, 200, None, None
-    return (), 200, None, None
-
-
-def _holding_place(result: T, slot: Slot) -> T:
-    """A stream stays in flight (on a key with max_concurrency) until its last event."""
+def _opened_stream(result: object
+                   ) -> tuple[SSEEvent, AsyncGenerator[SSEEvent, None]] | None:
+    """A stream operation's result (its first event and the rest), else None."""
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], SSEEvent):
-        first, events = result
-        return cast(T, (first, _until_closed(events, slot.keep())))
-    return result
+        return result[0], result[1]
+    return None
+
+
+def _tokens(usage: dict[str, int]) -> int | None:
+    """Tokens an answer used, for token-rate pacing (None: not known)."""
+    return (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0) or None
 
 
 async def _until_closed(events: AsyncGenerator[SSEEvent, None],
