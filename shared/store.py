@@ -215,18 +215,18 @@ SELECT cur.*, taken.abandoned AS taken_abandoned FROM cur LEFT JOIN taken ON tak
 
 
 # Jobs' ends, in one statement: each row (if not finished already) with its result and
-# without its payload; a watched job's end is announced to the waiting poll. $14 picks the
+# without its payload; a watched job's end is announced to the waiting poll. $15 picks the
 # jobs that named a webhook endpoint (true) or the others (false). The others need nothing
 # more: the statement commits on its own. Jobs with an endpoint are finished in a transaction
 # with their deliveries (`_INSERT_RESULT_AND_DELIVERY`); a subquery says how the endpoint
 # wants it announced: `off` (disabled or removed since), `full` (with the response), `slim`.
-# Without $14, the statement names (in `later`) the unfinished jobs that have an endpoint.
+# Without $15, the statement names (in `later`) the unfinished jobs that have an endpoint.
 _FINISH = f"""
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::smallint[], $5::text[],
                          $6::text[], $7::integer[], $8::integer[], $9::integer[],
                          $10::integer[], $11::text[], $12::text[], $13::text[],
-                         $15::integer[])
+                         $14::integer[])
         AS t(id, status, attempts, http_status, error_type, stop_reason, input_tokens,
              output_tokens, cache_creation_input_tokens, cache_read_input_tokens,
              served_provider, served_model, body, rate_limited)
@@ -243,7 +243,7 @@ WITH input AS (
            expires_at = now() + make_interval(secs => j.ttl_seconds)
     FROM input i
     WHERE j.id = i.id AND j.status IN ('pending', 'processing')
-      AND (j.webhook_endpoint_id IS NOT NULL) = $14
+      AND (j.webhook_endpoint_id IS NOT NULL) = $15
     RETURNING j.id, j.expires_at, j.completed_at, j.model, j.request_id,
               j.webhook_endpoint_id,
               CASE WHEN j.watched THEN pg_notify('{JOB_DONE_CHANNEL}', j.id::text)
@@ -264,7 +264,7 @@ SELECT *, false AS later FROM done
 UNION ALL
 SELECT j.id, NULL, NULL, NULL, NULL, j.webhook_endpoint_id, NULL, NULL, true
 FROM jobs j JOIN input i ON i.id = j.id
-WHERE NOT $14 AND j.webhook_endpoint_id IS NOT NULL AND j.status IN ('pending', 'processing')
+WHERE NOT $15 AND j.webhook_endpoint_id IS NOT NULL AND j.status IN ('pending', 'processing')
 """
 # The result and the webhook delivery in one statement: no round trip more than without one.
 _INSERT_RESULT_AND_DELIVERY = """
@@ -480,10 +480,11 @@ class Store:
 
     async def finish_jobs(self, items: list[tuple[uuid.UUID, Outcome]]
                           ) -> list[Finished | None | Exception]:
-        """`finish_job` for several jobs in one transaction (one statement, plus one per
-        webhook delivery). A member that cannot be stored (bad data, a bug) fails alone: the
-        batch is then stored job by job, and that member's error is its result. Raises
-        StoreUnavailable when the database is away."""
+        """`finish_job` for several jobs: one statement for the jobs that named no webhook
+        endpoint, and one transaction for those that did, with their deliveries. A member
+        that cannot be stored (bad data, a bug) fails alone: the batch is then stored job by
+        job, and that member's error is its result. Raises StoreUnavailable when the
+        database is away."""
         try:
             return list(await self._finish_batch(items))
         except StoreUnavailable:
@@ -724,8 +725,8 @@ async def _finish_rows(conn: asyncpg.Connection, jobs: dict[uuid.UUID, Outcome],
         [o.stop_reason for o in outcomes], [o.input_tokens for o in outcomes],
         [o.output_tokens for o in outcomes], [o.cache_creation_input_tokens for o in outcomes],
         [o.cache_read_input_tokens for o in outcomes], [o.served_provider for o in outcomes],
-        [o.served_model for o in outcomes], [o.body.decode() for o in outcomes], hooked,
-        [o.rate_limited for o in outcomes])
+        [o.served_model for o in outcomes], [o.body.decode() for o in outcomes],
+        [o.rate_limited for o in outcomes], hooked)
 
 
 async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,
