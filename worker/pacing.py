@@ -346,11 +346,12 @@ class Pacer:
     def _learn(self, state: _Key, headers: Headers, status: int | None,
                retry_after: float | None, tokens: int | None) -> None:
         state.seen = True
+        wait = None
+        if status == 429:  # this worker holds back for the provider's retry-after, always
+            wait = retry_after if retry_after is not None else DEFAULT_WAIT_S
+            state.blocked_until = max(state.blocked_until, self._clock() + wait)
+            self._metrics.provider_rate_limited.labels(state.provider).inc()
         if not self._learning:
-            if status == 429:
-                wait = retry_after if retry_after is not None else DEFAULT_WAIT_S
-                state.blocked_until = max(state.blocked_until, self._clock() + wait)
-                self._metrics.provider_rate_limited.labels(state.provider).inc()
             return
         configured = state.limits
         found = read_limits(headers)
@@ -368,11 +369,8 @@ class Pacer:
             state.token_rate = min(learned, configured.tpm / 60) if configured.tpm else learned
             state.tokens_engaged = (configured.tpm is not None
                                     or remaining < state.token_rate * ENGAGE_SECONDS)
-        if status == 429:
-            wait = retry_after if retry_after is not None else DEFAULT_WAIT_S
+        if wait is not None:  # and so do the others, and the key is paced from now on
             state.engaged = True
-            state.blocked_until = max(state.blocked_until, self._clock() + wait)
-            self._metrics.provider_rate_limited.labels(state.provider).inc()
             self._background(self._block(state, wait))
         if tokens and state.tokens_engaged and state.token_rate:
             self._background(self._debit(state, tokens / state.token_rate))
