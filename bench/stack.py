@@ -100,6 +100,20 @@ class FerryStack:
                 session.delete(f"{self.fake_url}/_fake/calls") as resp:
             await resp.read()
 
+    async def limit_fake(self, keys: dict[str, float]) -> None:
+        """The fake provider's rate limit per key (requests/s); its buckets start full."""
+        async with aiohttp.ClientSession() as session, session.post(
+                f"{self.fake_url}/_fake/config", json={"rate_limit": {"keys": keys}}) as resp:
+            if resp.status != 200:
+                raise BenchError(f"fake provider refused the rate limit: {await resp.text()}")
+
+    async def fake_calls_by_key(self) -> dict[str, dict[str, int]]:
+        """The fake provider's recorded calls: per presented key, a count per status."""
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{self.fake_url}/_fake/stats") as resp:
+            by_key: dict[str, dict[str, int]] = (await resp.json())["by_key"]
+        return by_key
+
     async def start_workers(self, count: int, extra: dict[str, str] | None = None,
                             wait_interactive: bool = True) -> None:
         """(Re)start `count` workers; waits until a sync request goes through, unless the

@@ -31,7 +31,7 @@ SYNC_CONNECTIONS = 64
 
 @dataclass(frozen=True)
 class Costs:
-    """CPU milliseconds per request by component, and what a job leaves on disk."""
+    """CPU milliseconds per request by component, and the rate they were measured at."""
 
     rate: float  # requests/s the phase achieved
     ms: dict[str, float]

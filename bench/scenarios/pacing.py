@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import aiohttp
-
 from bench.context import Bench
 from bench.procs import BenchError, progress
 from bench.scenarios.jobs import _submit, _wait
@@ -19,21 +17,6 @@ RATE = 40.0  # requests per second, over all keys
 TWO_KEYS = {"sk-bench-paced-a": 30.0, "sk-bench-paced-b": 10.0}
 GOAL_RATIO = 1.15
 GOAL_429 = 0.02
-
-
-async def _configure_fake(b: Bench, keys: dict[str, float]) -> None:
-    """Rate limits per key; a new configuration starts with full buckets."""
-    async with aiohttp.ClientSession() as session, session.post(
-            f"{b.stack.fake_url}/_fake/config", json={"rate_limit": {"keys": keys}}) as resp:
-        if resp.status != 200:
-            raise BenchError(f"fake provider refused the rate limit: {await resp.text()}")
-
-
-async def _fake_stats(b: Bench) -> dict[str, dict[str, int]]:
-    async with aiohttp.ClientSession() as session, \
-            session.get(f"{b.stack.fake_url}/_fake/stats") as resp:
-        by_key: dict[str, dict[str, int]] = (await resp.json())["by_key"]
-    return by_key
 
 
 def _providers_file(b: Bench, keys: list[str]) -> str:
@@ -68,7 +51,7 @@ async def _row(b: Bench, scenario: str, count: int, workers: int,
     b.stack.stop_workers()
     await b.reset()
     await b.db.forget_pacing()
-    await _configure_fake(b, keys)
+    await b.stack.limit_fake(keys)
     rate = sum(keys.values())
     path = _providers_file(b, list(keys))
     try:
@@ -94,7 +77,7 @@ async def _row(b: Bench, scenario: str, count: int, workers: int,
     if span.count < count:  # failed jobs: the time to the last one finished, either way
         seconds = await b.db.last_finished() - (span.first_submitted or 0)
     ideal = count / rate
-    stats = await _fake_stats(b)
+    stats = await b.stack.fake_calls_by_key()
     calls = {key: sum(stats.get(key, {}).values()) for key in keys}
     limited = {key: stats.get(key, {}).get("429", 0) for key in keys}
     total, total_429 = sum(calls.values()), sum(limited.values())
