@@ -280,7 +280,8 @@ class BatchStore:
         async with self._store._conn() as conn:
             status = await conn.execute(_end_unstarted(
                 "expired", "id IN (SELECT j.id FROM batches b JOIN jobs j ON j.batch_id = b.id"
-                " WHERE b.ended_at IS NULL AND b.expires_at <= now() AND j.status = 'pending'"
+                " WHERE b.ended_at IS NULL AND b.expires_at <= now()"
+                " AND j.completed_at IS NULL AND j.status = 'pending'"
                 " LIMIT $1 FOR UPDATE OF j SKIP LOCKED)"), limit)
         return _count(status)
 
@@ -290,7 +291,7 @@ class BatchStore:
             rows = await conn.fetch(
                 f"SELECT {_BATCH_COLUMNS} FROM batches b WHERE ended_at IS NULL AND NOT EXISTS"
                 " (SELECT 1 FROM jobs j WHERE j.batch_id = b.id"
-                " AND j.status IN ('pending', 'processing')) LIMIT $1", limit)
+                " AND j.completed_at IS NULL) LIMIT $1", limit)
             for row in rows:
                 await _view(conn, row)
         return len(rows)

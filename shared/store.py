@@ -435,7 +435,7 @@ class Store:
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT status, count(*) AS n FROM jobs"
-                " WHERE status IN ('pending', 'processing') GROUP BY status")
+                " WHERE completed_at IS NULL GROUP BY status")
         counts = {"pending": 0, "processing": 0}
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
@@ -575,14 +575,15 @@ class Store:
         return await self._release(
             "UPDATE jobs SET status = 'pending', lease_until = NULL, published_at = NULL,"
             " abandoned = abandoned + 1 WHERE id IN (SELECT id FROM jobs"
-            " WHERE status = 'processing' AND lease_until < now() - make_interval(secs => $1)"
+            " WHERE completed_at IS NULL AND status = 'processing'"
+            " AND lease_until < now() - make_interval(secs => $1)"
             " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", grace_s, limit)
 
     async def release_overdue_parked(self, grace_s: float, limit: int) -> list[uuid.UUID]:
         """Parked jobs whose delayed message never came back: to be republished."""
         return await self._release(
             "UPDATE jobs SET not_before = NULL, published_at = NULL WHERE id IN ("
-            " SELECT id FROM jobs WHERE status = 'pending'"
+            " SELECT id FROM jobs WHERE completed_at IS NULL AND status = 'pending'"
             " AND not_before < now() - make_interval(secs => $1)"
             " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", grace_s, limit)
 
@@ -592,7 +593,8 @@ class Store:
         (their message was lost: the caller checked that lane's queue is empty)."""
         return await self._release(
             "UPDATE jobs SET published_at = NULL WHERE id IN ("
-            " SELECT id FROM jobs WHERE status = 'pending' AND not_before IS NULL"
+            " SELECT id FROM jobs WHERE completed_at IS NULL AND status = 'pending'"
+            " AND not_before IS NULL"
             " AND mode = $3 AND published_at < now() - make_interval(secs => $1)"
             " LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id", older_than_s, limit, mode)
 
@@ -625,7 +627,7 @@ class Store:
             rows = await conn.fetch(
                 "SELECT j.id, p.message, j.mode FROM jobs j"
                 " JOIN job_payloads p ON p.job_id = j.id"
-                " WHERE j.status = 'pending' AND j.published_at IS NULL"
+                " WHERE j.completed_at IS NULL AND j.status = 'pending' AND j.published_at IS NULL"
                 " AND j.submitted_at < now() - make_interval(secs => $1)"
                 " AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = j.batch_id"
                 "  AND b.publishing_at > now() - make_interval(secs => $1))"
@@ -758,7 +760,7 @@ async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[in
                        " FOR UPDATE", limited)
     rows = await conn.fetch(
         "SELECT key_id, count(*) AS n FROM jobs WHERE key_id = ANY($1::uuid[])"
-        " AND status IN ('pending', 'processing') AND mode = 'async' GROUP BY key_id", limited)
+        " AND completed_at IS NULL AND mode = 'async' GROUP BY key_id", limited)
     counts = {r["key_id"]: r["n"] for r in rows}
     refused: dict[int, FerryError] = {}
     for i, job in enumerate(jobs):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
+from shared.jobs import JobEnvelope, new_job_id
 from shared.migrate import migrate, migration_files
+from shared.store import NewJob, Outcome, Store
 from tests.conftest import TestRun
+from tests.support import MODEL, request_body
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +127,6 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("jobs", "jobs_model_submitted_at_idx"),
         ("jobs", "jobs_unfinished_idx"),
         ("jobs", "jobs_provider_submitted_at_idx"),
-        ("jobs", "jobs_unfinished_published_idx"),
         ("job_results", "job_results_pkey"),
         ("job_payloads", "job_payloads_pkey"),
         ("idempotency_keys", "idempotency_keys_pkey"),
@@ -156,7 +159,7 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
         ("batches", "batches_in_progress_idx"),
         ("batches", "batches_created_at_idx"),
         ("jobs", "jobs_batch_idx"),
-        ("jobs", "jobs_batch_status_idx"),
+        ("jobs", "jobs_batch_unfinished_idx"),
     }
     assert "(model, submitted_at)" in indexes[("jobs", "jobs_model_submitted_at_idx")]
     assert "(provider, submitted_at)" in indexes[("jobs", "jobs_provider_submitted_at_idx")]
@@ -165,8 +168,12 @@ async def test_tables_and_indexes(db: asyncpg.Connection) -> None:
     assert "WHERE (state = 'pending'::text)" in pending
     assert "WHERE (removed_at IS NULL)" in indexes[("webhook_endpoints",
                                                     "webhook_endpoints_name_idx")]
-    unfinished = indexes[("jobs", "jobs_unfinished_idx")]
-    assert "WHERE" in unfinished and "'pending'" in unfinished and "'processing'" in unfinished
+    for name in ("jobs_unfinished_idx", "jobs_key_unfinished_idx", "jobs_batch_unfinished_idx"):
+        assert "(completed_at IS NULL)" in indexes[("jobs", name)]
+    # Only finishing a job may change an indexed column (see test_job_writes_before_the_end_
+    # are_heap_only): nothing indexes status or published_at.
+    assert not [d for (table, _), d in indexes.items()
+                if table == "jobs" and ("status" in d or "published_at" in d)]
 
 
 async def test_results_belong_to_jobs_and_go_with_them(db: asyncpg.Connection) -> None:
@@ -189,6 +196,40 @@ async def test_status_and_mode_are_constrained(db: asyncpg.Connection) -> None:
         await db.execute(insert, "bulk", "pending", 0)
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(insert, "batch", "abandoned", 0)
-    await db.execute(insert, "batch", "canceled", 0)
+    with pytest.raises(asyncpg.CheckViolationError):  # ended, but not when
+        await db.execute(insert, "batch", "canceled", 0)
+    ended = ("INSERT INTO jobs (id, caller_hash, mode, model, provider, status, ttl_seconds,"
+             " completed_at) VALUES (gen_random_uuid(), '\\x00', 'batch', 'm', 'anthropic', $1,"
+             " 0, $2)")
+    await db.execute(ended, "canceled", datetime.now(UTC))
+    with pytest.raises(asyncpg.CheckViolationError):  # unfinished, yet ended
+        await db.execute(ended, "processing", datetime.now(UTC))
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(insert, "async", "pending", -1)
+
+
+async def test_job_writes_before_its_end_are_heap_only(new_database_url: str) -> None:
+    """Marking a job published, claiming it and extending its lease change no indexed column,
+    so PostgreSQL rewrites the row within its page (a HOT update) and touches none of the
+    jobs table's indexes; finishing it is the one full update. A database of its own, and one
+    connection whose statistics are flushed before they are read, make the counts exact."""
+    await migrate(new_database_url)
+    store = await Store.connect(new_database_url, min_size=1, max_size=1)
+    try:
+        job_id = new_job_id()
+        message = JobEnvelope(job_id=job_id, model=MODEL, body=request_body("hi")).encode()
+        assert await store.insert_jobs([NewJob(
+            id=job_id, caller_hash=b"\x00", mode="async", model=MODEL, provider="anthropic",
+            ttl_seconds=60, message=message, upstream_model=MODEL)]) == [None]
+        await store.mark_published([job_id])
+        assert (await store.claim(job_id, "w1", 30.0)).state == "claimed"
+        assert await store.extend_leases([job_id], "w1", 30.0) == set()
+        outcome = Outcome(status="completed", body=b'{"content": []}', attempts=1)
+        assert await store.finish(job_id, outcome) is True
+        async with store._conn() as conn:
+            await conn.execute("SELECT pg_stat_force_next_flush()")
+            row = await conn.fetchrow("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                                      " WHERE relname = 'jobs'")
+    finally:
+        await store.close()
+    assert (row["n_tup_upd"], row["n_tup_hot_upd"]) == (4, 3)
