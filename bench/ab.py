@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each side (default 2)")
     parser.add_argument("--write", metavar="NAME",
                         help="also write it to bench/ab/NAME.md (NAME: what the change is)")
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER,
-                        help="after `--`: the bench's arguments (e.g. --only jobs)")
-    args = parser.parse_args(argv)
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1:]  # after `--`: the bench's own (e.g. --only jobs)
     if "--write-results" in bench_args or "--name" in bench_args:
         parser.error("--write-results and --name are the harness's to set")
 
