@@ -29,6 +29,7 @@ from bench.procs import progress
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = PROJECT_ROOT / "bench" / "ab"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+LOADGEN = re.compile(r"loadgen (\d+(?:\.\d+)?)")
 # Latency rows: which columns are compared (the bench's table: scenario, target, load,
 # duration, ok, errors, p50, p90, p99, max, achieved, ...).
 LATENCY_COLUMNS = {"p50 ms": 6, "p99 ms": 8, "achieved": 10}
@@ -57,6 +58,8 @@ def figures(stdout: str) -> dict[str, str]:
         if table.startswith("Latency") and len(cells) > 10:
             for name, column in LATENCY_COLUMNS.items():
                 found[f"{cells[0]} · {cells[1]} · {cells[2]} · {name}"] = cells[column]
+            if generator := LOADGEN.search(cells[-1]):  # the CPU column: the generators'
+                found[f"{cells[0]} · {cells[1]} · {cells[2]} · loadgen cores"] = generator[1]
         elif table == "Figures" and len(cells) > 2:
             found[f"{cells[0]} · {cells[1]}"] = cells[2]
     return found
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             git("worktree", "remove", "--force", str(worktree))
     text = (f"# A change, side by side\n\nWritten by `python -m bench.ab {args.before} "
-            f"--rounds {args.rounds} --write {args.write} -- {' '.join(bench_args)}`.\n\n"
+            f"--rounds {args.rounds}{f' --write {args.write}' if args.write else ''} -- "
+            f"{' '.join(bench_args)}`.\n\n"
             f"- date: {started}\n- before: {before.label}\n- after: {after.label}\n"
             f"- order: before, after, alternating, {args.rounds} rounds each; the medians "
             "are of the rounds (the first number of each cell)\n\n" + table(before, after))

@@ -6,6 +6,9 @@ hide the queue it built (coordinated omission): the requests it delayed count wi
 wait. Closed loop: `connections` clients each send the next request when their last one
 finished; it finds the maximum rate, not the latency at a given rate.
 
+Plain requests go through `bench.lean` (a few times cheaper than aiohttp's client, which the
+generator shares the machine with what it measures); streams through aiohttp's client.
+
 Latencies go into HdrHistograms (microseconds, 3 significant digits), encoded in the result so
 the parent adds up the histograms of several generator processes exactly.
 """
@@ -21,7 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import uvloop
 from hdrh.histogram import HdrHistogram
+
+from bench.lean import HTTPFailure, LeanClient
 
 LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3
 
@@ -75,8 +81,36 @@ class Tally:
         self.last_done = done if self.last_done is None else max(self.last_done, done)
 
 
-async def _request(session: aiohttp.ClientSession, spec: Spec, body: bytes,
-                   start: float) -> tuple[str | None, float, float | None]:
+class Sender:
+    """Sends the spec's request: (error kind or None, completion time, time of the first
+    `event:` line)."""
+
+    def __init__(self, spec: Spec, session: aiohttp.ClientSession) -> None:
+        self._spec = spec
+        self._session = session
+        self._body = spec.body.encode()
+        self._lean = None if spec.stream else LeanClient(
+            spec.url, self._body, spec.headers, spec.connections, spec.timeout)
+
+    async def __call__(self) -> tuple[str | None, float, float | None]:
+        if self._lean is None:
+            return await _request(self._session, self._spec, self._body)
+        loop = asyncio.get_running_loop()
+        try:
+            status = await self._lean.post()
+        except (TimeoutError, HTTPFailure, OSError) as exc:
+            return (str(exc) if isinstance(exc, HTTPFailure) else type(exc).__name__,
+                    loop.time(), None)
+        error = None if status == self._spec.expect_status else f"http_{status}"
+        return error, loop.time(), None
+
+    def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+
+
+async def _request(session: aiohttp.ClientSession, spec: Spec,
+                   body: bytes) -> tuple[str | None, float, float | None]:
     """(error kind or None, completion time, time of the first `event:` line)."""
     loop = asyncio.get_running_loop()
     first: float | None = None
@@ -99,17 +133,15 @@ async def _request(session: aiohttp.ClientSession, spec: Spec, body: bytes,
         return type(exc).__name__, loop.time(), None
 
 
-async def _open_loop(session: aiohttp.ClientSession, spec: Spec, tally: Tally,
-                     origin: float) -> None:
+async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> None:
     loop = asyncio.get_running_loop()
-    body = spec.body.encode()
     count = int((spec.warmup + spec.duration) * spec.rate)
     measured_from = origin + spec.warmup
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(intended: float) -> None:
         start = loop.time()
-        error, done, first = await _request(session, spec, body, start)
+        error, done, first = await send()
         if intended < measured_from:
             return
         tally.lag.record_value(max(1, round((start - intended) * 1e6)))
@@ -133,10 +165,8 @@ async def _open_loop(session: aiohttp.ClientSession, spec: Spec, tally: Tally,
         await asyncio.wait(set(tasks))
 
 
-async def _closed_loop(session: aiohttp.ClientSession, spec: Spec, tally: Tally,
-                       origin: float) -> None:
+async def _closed_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> None:
     loop = asyncio.get_running_loop()
-    body = spec.body.encode()
     measured_from = origin + spec.warmup
     end = None if spec.total is not None else measured_from + spec.duration
     remaining = [spec.total]
@@ -152,7 +182,7 @@ async def _closed_loop(session: aiohttp.ClientSession, spec: Spec, tally: Tally,
     async def client() -> None:
         while more():
             start = loop.time()
-            error, done, first = await _request(session, spec, body, start)
+            error, done, first = await send()
             # Time mode: only requests sent and finished inside the window count.
             if start < measured_from or (end is not None and done > end):
                 continue
@@ -178,10 +208,14 @@ async def run(spec: Spec) -> dict[str, Any]:
     wall0 = time.monotonic()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                      auto_decompress=False) as session:
-        if spec.mode == "open":
-            await _open_loop(session, spec, tally, origin)
-        else:
-            await _closed_loop(session, spec, tally, origin)
+        send = Sender(spec, session)
+        try:
+            if spec.mode == "open":
+                await _open_loop(send, spec, tally, origin)
+            else:
+                await _closed_loop(send, spec, tally, origin)
+        finally:
+            send.close()
     wall = time.monotonic() - wall0
     return {
         "ok": tally.ok,
@@ -210,7 +244,7 @@ def _cpu() -> float:
 
 def main(argv: list[str]) -> None:
     spec = Spec(**json.loads(argv[0]))
-    result = asyncio.run(run(spec))
+    result = uvloop.run(run(spec))
     sys.stdout.write(json.dumps(result) + "\n")
 
 
