@@ -24,10 +24,11 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[int] | None = None
+        self._waiter: asyncio.Future[tuple[int, float | None]] | None = None
         self._head_end = -1
         self._length = -1
         self._status = 0
+        self._retry_after: float | None = None
         self._keep_alive = True
         self.closed = False
 
@@ -44,7 +45,7 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._parse()
 
-    def send(self, request: bytes, waiter: asyncio.Future[int]) -> None:
+    def send(self, request: bytes, waiter: asyncio.Future[tuple[int, float | None]]) -> None:
         self._waiter = waiter
         self._head_end = self._length = -1
         assert self.transport is not None
@@ -68,6 +69,13 @@ class _Connection(asyncio.Protocol):
                 self._fail("unreadable_response")
                 return
             self._keep_alive = b"\r\nconnection: close" not in head
+            self._retry_after = None
+            if self._status >= 400 and (at := head.find(b"\r\nretry-after:")) >= 0:
+                stop = head.find(b"\r\n", at + 14)
+                try:
+                    self._retry_after = float(head[at + 14:] if stop < 0 else head[at + 14:stop])
+                except ValueError:
+                    pass  # an HTTP date: not one Ferry sends
             self._head_end = end + 4
         total = self._head_end + self._length
         if len(buffer) < total:
@@ -79,7 +87,7 @@ class _Connection(asyncio.Protocol):
             self.closed = True
             assert self.transport is not None
             self.transport.close()
-        waiter.set_result(self._status)
+        waiter.set_result((self._status, self._retry_after))
 
     def _fail(self, kind: str) -> None:
         self.closed = True
@@ -107,8 +115,9 @@ class LeanClient:
         self._slots = asyncio.Semaphore(limit)
         self._timeout = timeout
 
-    async def post(self) -> int:
-        """The answer's status; raises HTTPFailure, OSError or TimeoutError."""
+    async def post(self) -> tuple[int, float | None]:
+        """The answer's status and retry-after (seconds, on an error status that has one);
+        raises HTTPFailure, OSError or TimeoutError."""
         loop = asyncio.get_running_loop()
         async with self._slots:
             conn = None
@@ -119,11 +128,11 @@ class LeanClient:
                     break
             if conn is None:
                 _, conn = await loop.create_connection(_Connection, self._host, self._port)
-            waiter: asyncio.Future[int] = loop.create_future()
+            waiter: asyncio.Future[tuple[int, float | None]] = loop.create_future()
             timer = loop.call_later(self._timeout, waiter.cancel)
             try:
                 conn.send(self._request, waiter)
-                status = await waiter
+                answer = await waiter
             except asyncio.CancelledError:
                 conn.closed = True
                 if conn.transport is not None:
@@ -135,7 +144,7 @@ class LeanClient:
                 timer.cancel()
             if not conn.closed:
                 self._idle.append(conn)
-            return status
+            return answer
 
     def close(self) -> None:
         while self._idle:

@@ -81,9 +81,12 @@ class Tally:
         self.last_done = done if self.last_done is None else max(self.last_done, done)
 
 
+Answer = tuple[str | None, float, float | None, float | None]
+
+
 class Sender:
     """Sends the spec's request: (error kind or None, completion time, time of the first
-    `event:` line)."""
+    `event:` line, the retry-after of a refusal)."""
 
     def __init__(self, spec: Spec, session: aiohttp.ClientSession) -> None:
         self._spec = spec
@@ -92,45 +95,46 @@ class Sender:
         self._lean = None if spec.stream else LeanClient(
             spec.url, self._body, spec.headers, spec.connections, spec.timeout)
 
-    async def __call__(self) -> tuple[str | None, float, float | None]:
+    async def __call__(self) -> Answer:
         if self._lean is None:
             return await _request(self._session, self._spec, self._body)
         loop = asyncio.get_running_loop()
         try:
-            status = await self._lean.post()
+            status, retry_after = await self._lean.post()
         except (TimeoutError, HTTPFailure, OSError) as exc:
             return (str(exc) if isinstance(exc, HTTPFailure) else type(exc).__name__,
-                    loop.time(), None)
+                    loop.time(), None, None)
         error = None if status == self._spec.expect_status else f"http_{status}"
-        return error, loop.time(), None
+        return error, loop.time(), None, retry_after
 
     def close(self) -> None:
         if self._lean is not None:
             self._lean.close()
 
 
-async def _request(session: aiohttp.ClientSession, spec: Spec,
-                   body: bytes) -> tuple[str | None, float, float | None]:
-    """(error kind or None, completion time, time of the first `event:` line)."""
+async def _request(session: aiohttp.ClientSession, spec: Spec, body: bytes) -> Answer:
+    """What `Sender` answers, through aiohttp's client (streams)."""
     loop = asyncio.get_running_loop()
     first: float | None = None
     try:
         async with session.post(spec.url, data=body, headers=spec.headers) as resp:
             if resp.status != spec.expect_status:
                 await resp.read()
-                return f"http_{resp.status}", loop.time(), None
+                retry_after = resp.headers.get("retry-after", "")
+                return (f"http_{resp.status}", loop.time(), None,
+                        float(retry_after) if retry_after.isdigit() else None)
             if not spec.stream:
                 await resp.read()
-                return None, loop.time(), None
+                return None, loop.time(), None, None
             stopped = False
             async for line in resp.content:
                 if first is None and line.startswith(b"event:"):
                     first = loop.time()
                 if line.startswith((b"event: message_stop", b"event:message_stop")):
                     stopped = True
-            return (None if stopped else "incomplete_stream"), loop.time(), first
+            return (None if stopped else "incomplete_stream"), loop.time(), first, None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return type(exc).__name__, loop.time(), None
+        return type(exc).__name__, loop.time(), None, None
 
 
 async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> None:
@@ -141,7 +145,7 @@ async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> N
 
     async def one(intended: float) -> None:
         start = loop.time()
-        error, done, first = await send()
+        error, done, first, _ = await send()
         if intended < measured_from:
             return
         tally.lag.record_value(max(1, round((start - intended) * 1e6)))
@@ -182,7 +186,11 @@ async def _closed_loop(send: Sender, spec: Spec, tally: Tally, origin: float) ->
     async def client() -> None:
         while more():
             start = loop.time()
-            error, done, first = await send()
+            error, done, first, retry_after = await send()
+            if retry_after is not None:
+                # Refused: wait as told before the next request, as the SDKs do. A client
+                # that asks again at once measures how fast Ferry refuses, not what it serves.
+                await asyncio.sleep(min(retry_after, end - loop.time() if end else retry_after))
             # Time mode: only requests sent and finished inside the window count.
             if start < measured_from or (end is not None and done > end):
                 continue
