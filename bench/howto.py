@@ -10,8 +10,10 @@ Ferry, the fake provider, RabbitMQ and PostgreSQL all compete for the same cores
 latency row says where the CPU went during the run (per process, from `/proc`; `other` is
 load on the machine that is not the bench's).
 
-**Load generators** (`bench/loadgen.py`) are separate Python processes (aiohttp client, one
-per 400 RPS of schedule, two for closed loops), started together on a shared wall-clock start
+**Load generators** (`bench/loadgen.py`) are separate Python processes on uvloop (plain
+requests through `bench/lean.py`, a minimal keep-alive HTTP/1.1 client that costs a third of
+aiohttp's client per request; streams through aiohttp's client; one process per 400 RPS of
+schedule, two for closed loops), started together on a shared wall-clock start
 time, their HdrHistograms (µs, 3 significant digits) added exactly. Between runs the bench
 waits until its own processes are idle (an overloaded target may still be draining its queue)
 and empties the fake provider's call log.
@@ -24,7 +26,9 @@ and empties the fake provider's call log.
   with the length of the run. The generators also record their own lag (actual − intended send
   time; printed on stderr) to show the schedule was kept.
 - *Closed loop* (maximum rate): N connections, each sending its next request when the last
-  answered; *achieved* is completed requests in the measured window / window. Its latencies are
+  answered (a refused one waits the `retry-after` it was given first, as the SDKs do; asking
+  again at once would measure how fast Ferry refuses); *achieved* is completed requests in
+  the measured window / window. Its latencies are
   from the actual send and describe that concurrency, not a rate. These runs use `wrk` (C,
   2 threads; percentiles from wrk's own histogram) when it is installed: a Python client spends
   more CPU per request than a small aiohttp server does, so it would measure itself rather than
