@@ -71,11 +71,7 @@ def _record(request: web.Request, status: int, started: float) -> None:
     access.info("request", method=request.method, path=request.path[:200], mode=mode,
                 model=model[:200] if model else None, status=status,
                 duration_ms=round(elapsed * 1000, 2))
-    metrics = request.app[METRICS]
-    metrics.requests.labels(mode, metrics.model_label(model), str(status)).inc()
-    metrics.request_seconds.labels(mode).observe(elapsed)
     provider_s = request.get(PROVIDER_SECONDS)
-    if mode == "submit" or mode == "poll":
-        metrics.overhead_seconds.labels(mode).observe(elapsed)
-    elif provider_s is not None:
-        metrics.overhead_seconds.labels(mode).observe(max(elapsed - provider_s, 0.0))
+    overhead_s = elapsed if mode == "submit" or mode == "poll" else (
+        None if provider_s is None else max(elapsed - provider_s, 0.0))
+    request.app[METRICS].answered(mode, model, status, elapsed, overhead_s)

@@ -31,9 +31,10 @@ def json_response(data: object, status: int = 200,
 
 
 def error_response(error: FerryError, request_id: str | None) -> web.Response:
-    return json_bytes(error.envelope(request_id).to_json(), error.status, error.headers)
+    return json_bytes(ErrorEnvelope.dump(error.error_type, error.message, request_id),
+                      error.status, error.headers)
 
 
 def envelope_response(status: int, error_type: str, message: str,
                       request_id: str | None) -> web.Response:
-    return json_bytes(ErrorEnvelope.of(error_type, message, request_id).to_json(), status)
+    return json_bytes(ErrorEnvelope.dump(error_type, message, request_id), status)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -86,11 +86,29 @@ class Metrics:
         # Model labels come from configuration (aliases, providers' model lists), never from
         # what a client wrote: anything else is `other`, so no client can grow the series.
         self.known_models: set[str] = set()
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def model_label(self, model: str | None) -> str:
         if not model:
             return "none"
         return model if model in self.known_models else "other"
+
+    def answered(self, mode: str, model: str | None, status: int, elapsed_s: float,
+                 overhead_s: float | None) -> None:
+        """One request answered by the api. The labelled series are looked up once per label
+        set (labels() takes a lock and builds its key on every call, on every request);
+        the label sets are bounded: modes, model labels and statuses."""
+        label = self.model_label(model)
+        key = (mode, label, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(*key), self.request_seconds.labels(mode),
+                self.overhead_seconds.labels(mode))
+        children[0].inc()
+        children[1].observe(elapsed_s)
+        if overhead_s is not None:
+            children[2].observe(overhead_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

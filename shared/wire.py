@@ -386,6 +386,12 @@ ErrorType = Literal[
 ]
 
 
+def _printable(value: str) -> str:
+    """A message may quote a client's bytes that were not UTF-8 (a header read with surrogate
+    escapes): show them as escapes rather than fail the error answer itself."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ErrorDetail(BaseModel):
     type: str
     message: str
@@ -393,9 +399,7 @@ class ErrorDetail(BaseModel):
     @field_validator("message")
     @classmethod
     def _printable(cls, value: str) -> str:
-        """A message may quote a client's bytes that were not UTF-8 (a header read with
-        surrogate escapes): show them as escapes rather than fail the error answer itself."""
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _printable(value)
 
 
 class ErrorEnvelope(BaseModel):
@@ -409,6 +413,17 @@ class ErrorEnvelope(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    @staticmethod
+    def dump(error_type: str, message: str, request_id: str | None = None) -> bytes:
+        """`of(...).to_json()`, byte for byte, without building the models: the api answers
+        every error with it, a 529 under overload among them, where the models were a tenth
+        of the refusal's cost."""
+        body: dict[str, Any] = {"type": "error",
+                                "error": {"type": error_type, "message": _printable(message)}}
+        if request_id is not None:
+            body["request_id"] = request_id
+        return orjson.dumps(body)
 
 
 STATUS_ERROR_TYPES: dict[int, str] = {

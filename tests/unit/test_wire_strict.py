@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from shared.wire import MessagesRequest, describe_validation_error, parse_request
+from shared.wire import ErrorEnvelope, MessagesRequest, describe_validation_error, parse_request
 
 Json = dict[str, Any]
 
@@ -333,3 +333,16 @@ def test_message_without_body_still_names_the_field() -> None:
 
 def test_request_model_is_the_parse_result() -> None:
     assert isinstance(parse_request(orjson.dumps(req())), MessagesRequest)
+
+
+@pytest.mark.parametrize("message", [
+    "plain", 'quotes " and \\ backslashes', "control \n\t\r\x00\x1f\x7f", "unicode é 漢字 🙂",
+    "a client's bytes \udcff\udc80 read with surrogate escapes", "</script> & / <",
+    "\u2028\u2029 line separators", "",
+])
+@pytest.mark.parametrize("request_id", [None, "req_0123"])
+def test_error_bytes_are_the_envelope_models_bytes(message: str, request_id: str | None) -> None:
+    """The api writes errors with ErrorEnvelope.dump (no models built): the same bytes as the
+    models give, whatever the message holds."""
+    assert ErrorEnvelope.dump("overloaded_error", message, request_id) == \
+        ErrorEnvelope.of("overloaded_error", message, request_id).to_json()
