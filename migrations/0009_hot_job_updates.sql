@@ -10,6 +10,10 @@
 -- Measured on PostgreSQL 15, each job's four writes batched 64 wide: a fifth less backend
 -- CPU per job and a fifth less WAL (bench/RESULTS.md has the end-to-end figure).
 
+-- On a large history this runs in one transaction that holds the jobs table's lock while it
+-- reads the table: once for the constraint and once per new index (small indexes: unfinished
+-- rows only). Run it in a quiet moment; it does not rewrite the table.
+
 -- Room for the updates on the page the row was inserted into: 30% of each page is left free
 -- at insert. The cost is the history table's size on disk (about 1.4× for the same rows).
 ALTER TABLE jobs SET (fillfactor = 70);
