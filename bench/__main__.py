@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "wrk) or the Python one; auto = wrk if installed")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the api during the saturation runs (scenarios 1 and 3)")
+    parser.add_argument("--ferry-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for every Ferry process of the run (repeatable), e.g. "
+                             "FERRY_ADMISSION_TARGET=0.05; the report lists it")
     parser.add_argument("--write-results", action="store_true",
                         help=f"write {RESULTS.relative_to(PROJECT_ROOT)}")
     parser.add_argument("--database-url",
@@ -63,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--amqp-url",
                         default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args(argv)
+    for setting in args.ferry_env:
+        name, equals, _ = setting.partition("=")
+        if not equals or not name.startswith("FERRY_"):
+            parser.error(f"--ferry-env {setting!r}: give FERRY_NAME=VALUE")
     if args.driver == "wrk" and not wrk.available():
         parser.error("--driver wrk: wrk is not installed (apt-get install wrk)")
     return args
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def run(args: argparse.Namespace, procs: Processes) -> int:
     report = Report(quick=args.quick)
+    BASE_ENV.update(setting.split("=", 1) for setting in args.ferry_env)
     admin_dsn = with_database(args.database_url, "postgres")
     database_url = with_database(args.database_url, args.name)
     namespace = args.name.replace("_", "-")
