@@ -24,15 +24,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import progress
+from bench.procs import PROJECT_ROOT, progress
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = PROJECT_ROOT / "bench" / "ab"
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 LOADGEN = re.compile(r"loadgen (\d+(?:\.\d+)?)")
-# Latency rows: which columns are compared (the bench's table: scenario, target, load,
-# duration, ok, errors, p50, p90, p99, max, achieved, ...).
-LATENCY_COLUMNS = {"p50 ms": 6, "p99 ms": 8, "achieved": 10}
+# Latency rows: the columns compared (found by their header), and their names here.
+LATENCY_COLUMNS = {"p50": "p50 ms", "p99": "p99 ms", "achieved": "achieved"}
 
 
 @dataclass
@@ -46,6 +44,7 @@ def figures(stdout: str) -> dict[str, str]:
     """Every figure of a bench run's tables, keyed by what it is."""
     found: dict[str, str] = {}
     table = ""
+    header: list[str] = []
     for line in stdout.splitlines():
         if line.startswith("### "):
             table = line[4:].strip()
@@ -54,10 +53,13 @@ def figures(stdout: str) -> dict[str, str]:
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if cells[0] == "scenario":
+            header = cells
             continue
-        if table.startswith("Latency") and len(cells) > 10:
-            for name, column in LATENCY_COLUMNS.items():
-                found[f"{cells[0]} · {cells[1]} · {cells[2]} · {name}"] = cells[column]
+        if table.startswith("Latency") and len(cells) == len(header):
+            for column, name in LATENCY_COLUMNS.items():
+                if column in header:
+                    found[f"{cells[0]} · {cells[1]} · {cells[2]} · {name}"] = \
+                        cells[header.index(column)]
             if generator := LOADGEN.search(cells[-1]):  # the CPU column: the generators'
                 found[f"{cells[0]} · {cells[1]} · {cells[2]} · loadgen cores"] = generator[1]
         elif table == "Figures" and len(cells) > 2:

@@ -16,6 +16,14 @@ from collections import deque
 from urllib.parse import urlsplit
 
 
+def retry_after_seconds(value: str) -> float | None:
+    """A Retry-After header's seconds; None for an HTTP date (not one Ferry sends) or junk."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
 class HTTPFailure(Exception):
     """The server's answer could not be read (kind: what went wrong)."""
 
@@ -72,10 +80,8 @@ class _Connection(asyncio.Protocol):
             self._retry_after = None
             if self._status >= 400 and (at := head.find(b"\r\nretry-after:")) >= 0:
                 stop = head.find(b"\r\n", at + 14)
-                try:
-                    self._retry_after = float(head[at + 14:] if stop < 0 else head[at + 14:stop])
-                except ValueError:
-                    pass  # an HTTP date: not one Ferry sends
+                self._retry_after = retry_after_seconds(
+                    (head[at + 14:] if stop < 0 else head[at + 14:stop]).decode("latin-1"))
             self._head_end = end + 4
         total = self._head_end + self._length
         if len(buffer) < total:
@@ -137,7 +143,7 @@ class LeanClient:
                 conn.closed = True
                 if conn.transport is not None:
                     conn.transport.close()
-                if timer.cancelled() or loop.time() >= timer.when():
+                if loop.time() >= timer.when():  # the timer's cancel, not the caller's
                     raise TimeoutError("no answer in time") from None
                 raise
             finally:

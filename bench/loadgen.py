@@ -27,7 +27,7 @@ import aiohttp
 import uvloop
 from hdrh.histogram import HdrHistogram
 
-from bench.lean import HTTPFailure, LeanClient
+from bench.lean import HTTPFailure, LeanClient, retry_after_seconds
 
 LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3
 
@@ -120,9 +120,9 @@ async def _request(session: aiohttp.ClientSession, spec: Spec, body: bytes) -> A
         async with session.post(spec.url, data=body, headers=spec.headers) as resp:
             if resp.status != spec.expect_status:
                 await resp.read()
-                retry_after = resp.headers.get("retry-after", "")
+                retry_after = resp.headers.get("retry-after")
                 return (f"http_{resp.status}", loop.time(), None,
-                        float(retry_after) if retry_after.isdigit() else None)
+                        None if retry_after is None else retry_after_seconds(retry_after))
             if not spec.stream:
                 await resp.read()
                 return None, loop.time(), None, None
