@@ -33,7 +33,7 @@ import functools
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +100,8 @@ class _Key:
     probe: asyncio.Future[None] | None = None
     blocked_until: float = 0.0  # monotonic; from a 429 this worker saw
     local_tat: float = 0.0  # monotonic; pacing on our own while the database is away
+    tat: float = 0.0  # monotonic; the key's next free slot as of this worker's last reservation
+    reserving: int = 0  # calls whose slots are being reserved right now
     waiting: list[tuple[asyncio.Future[float], float]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
     concurrency: asyncio.Semaphore | None = None
@@ -179,6 +181,34 @@ class Pacer:
     def rate(self, provider: str, key: str | None) -> float | None:
         """The requests per second a key is known to allow (for weighting keys)."""
         return self._key(provider, key).rate
+
+    def soonest(self, provider: str, key: str | None) -> float | None:
+        """Seconds until a call on this key would get its turn, as far as this worker knows:
+        the key's next free slot at its last reservation, after the calls of this worker
+        already waiting on it. None for a key nothing is known of and no call is probing
+        (the next call on it should be the probe); 0 for a key with room, or whose probe is
+        slow to answer (as `slot` lets calls go on unpaced then)."""
+        state = self._key(provider, key)
+        if self._learning and not state.seen and not state.engaged:
+            return None if state.probe is None else 0.0
+        now = self._clock()
+        wait = max(state.blocked_until - now, 0.0)
+        if state.engaged or state.tokens_engaged:
+            queued = len(state.waiting) + state.reserving
+            wait = max(wait, state.tat - now) + queued * state.interval_s
+        return wait
+
+    async def settle(self, provider: str, keys: Sequence[str]) -> None:
+        """Before choosing among a provider's keys: when every key nothing is known of is
+        being probed, wait for those first answers (at most PROBE_WAIT_S), so that a cold
+        start's burst is spread by what they tell, not evenly."""
+        if not self._learning:
+            return
+        unknown = [state for state in (self._key(provider, k) for k in keys)
+                   if not state.seen and not state.engaged]
+        probes = [state.probe for state in unknown if state.probe is not None]
+        if probes and len(probes) == len(unknown):
+            await asyncio.wait([asyncio.shield(p) for p in probes], timeout=PROBE_WAIT_S)
 
     @asynccontextmanager
     async def slot(self, provider: str, key: str | None, wait_max_s: float,
@@ -307,6 +337,7 @@ class Pacer:
     async def _flush(self, state: _Key) -> None:
         while state.waiting:
             batch, state.waiting = state.waiting, []
+            state.reserving = len(batch)
             for horizon in sorted({h for _, h in batch}):
                 group = [f for f, h in batch if h == horizon]
                 interval = state.interval_s
@@ -317,7 +348,10 @@ class Pacer:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                finally:
+                    state.reserving -= len(group)
                 start = self._clock()
+                state.tat = start + reservation.first_s + reservation.granted * interval
                 for i, future in enumerate(group):
                     if future.done():
                         continue  # its caller went away; its slot goes unused

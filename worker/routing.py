@@ -27,6 +27,7 @@ from worker.retry import Attempts, Paced, RetryLater, RetryPolicy, call_with_ret
 log = get_logger("ferry.routing")
 
 T = TypeVar("T")
+SAME_TURN_S = 0.001  # keys whose next turns are this close are equally free
 Operation = Callable[[Provider, bytes, CallContext], Awaitable[T]]
 
 
@@ -48,15 +49,26 @@ class KeyPool:
         self._rng = rng or random.Random()
         self._until: dict[str, float] = {}
 
-    def pick(self, capacity: Callable[[str], float | None] | None = None) -> str | None:
-        """A key, weighted by its configured weight; or, once `capacity` knows the rate of
-        every key (what pacing learned), by that rate: each key gets its share of its limit."""
+    def pick(self, soonest: Callable[[str], float | None] | None = None,
+             capacity: Callable[[str], float | None] | None = None) -> str | None:
+        """A key: with `soonest` (what pacing knows of each key's next free slot), the key
+        whose turn comes first, or one nothing is known of yet (its first call learns its
+        limit). Among keys equally free, a weighted choice: by configured weight, or, once
+        `capacity` knows the rate of each (what pacing learned), by that rate."""
         if not self._keys:
             return None
         now = self._clock()
         ready = [(k, w) for k, w in self._keys if self._until.get(k, 0.0) <= now]
         if not ready:  # all cooling down: use the one that recovers first
             return min(self._keys, key=lambda kw: self._until.get(kw[0], 0.0))[0]
+        if soonest is not None and len(ready) > 1:
+            waits = {k: soonest(k) for k, _ in ready}
+            unknown = [(k, w) for k, w in ready if waits[k] is None]
+            if unknown:
+                ready = unknown
+            else:
+                first = min(w for w in waits.values() if w is not None)
+                ready = [(k, w) for k, w in ready if (waits[k] or 0.0) <= first + SAME_TURN_S]
         if len(ready) == 1:
             return ready[0][0]
         if capacity is not None:
@@ -65,6 +77,12 @@ class KeyPool:
                 ready = [(k, r) for (k, _), r in zip(ready, rates, strict=True) if r]
         keys, weights = zip(*ready, strict=True)
         return self._rng.choices(keys, weights=weights)[0]
+
+    def names(self) -> list[str]:
+        return [k for k, _ in self._keys]
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def report(self, key: str | None, exc: ProviderError) -> None:
         if key is None:
@@ -220,7 +238,10 @@ class ProviderSet:
     async def _once(self, configured: str, entry: ProviderEntry, operation: Operation[T],
                     body: bytes, ctx: CallContext, max_inline_wait: float | None) -> T:
         name = entry.provider.name
-        key = entry.keys.pick(lambda k: self._pacer.rate(configured, k))
+        if len(entry.keys) > 1:
+            await self._pacer.settle(configured, entry.keys.names())
+        key = entry.keys.pick(lambda k: self._pacer.soonest(configured, k),
+                              lambda k: self._pacer.rate(configured, k))
         if max_inline_wait is None:  # a sync request, or a job with fallbacks to move on to
             wait_max, block_max = entry.retry.max_s, entry.retry.max_s
         else:  # an async job: a long wait for its turn is spent in a delay queue instead

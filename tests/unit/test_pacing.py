@@ -9,6 +9,7 @@ import time
 import pytest
 
 from worker.pacing import ENGAGE_SECONDS, SAFETY, KeyLimits, Pacer, Saturated, read_limits
+from worker.routing import KeyPool
 
 
 def limits(per_minute: int, remaining: int) -> tuple[tuple[str, str], ...]:
@@ -101,6 +102,30 @@ async def test_the_first_call_on_an_unknown_key_goes_alone() -> None:
     release.set()
     await asyncio.gather(first, *others)
     assert order[0] == "probe" and len(order) == 4
+
+
+async def test_calls_go_to_the_key_whose_turn_comes_first() -> None:
+    """Two keys of 30 and 10 requests/s, learned cold: each key's first call learns its limit
+    while the rest wait for it, then every call takes the key whose next slot comes first, so
+    the keys share the burst 3:1, not evenly (the slow key would then hold the batch up)."""
+    pacer = Pacer(None)
+    pool = KeyPool([("a", 1.0), ("b", 1.0)], 60)
+    headers = {"a": limits(1800, 0), "b": limits(600, 0)}  # nothing left: paced at once
+    picked: list[str] = []
+
+    async def one() -> None:
+        await pacer.settle("p", pool.names())
+        key = pool.pick(lambda k: pacer.soonest("p", k), lambda k: pacer.rate("p", k))
+        assert key is not None
+        picked.append(key)
+        async with pacer.slot("p", key, 60) as slot:
+            await asyncio.sleep(0.01)
+            slot.answered(headers[key])
+
+    await asyncio.gather(*(one() for _ in range(60)))
+    assert sorted(picked[:2]) == ["a", "b"]
+    # 45 of 60 is a's share of 40/s: 45 turns at 30/s and 15 at 10/s both take 1.5 s.
+    assert 42 <= picked.count("a") <= 48
 
 
 async def test_the_configured_rate_wins_when_lower() -> None:

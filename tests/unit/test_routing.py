@@ -183,6 +183,22 @@ def test_key_weights() -> None:
     assert 0.70 < picks.count("a") / len(picks) < 0.80
 
 
+def test_the_key_whose_turn_comes_first() -> None:
+    import random
+
+    pool = KeyPool([("a", 1.0), ("b", 1.0), ("c", 1.0)], 60, rng=random.Random(7))
+    waits: dict[str, float | None] = {"a": 0.5, "b": 0.2, "c": 0.9}
+    assert {pool.pick(waits.get) for _ in range(50)} == {"b"}
+    waits["c"] = None  # nothing known of it yet: its first call learns its limit
+    assert {pool.pick(waits.get) for _ in range(50)} == {"c"}
+    # Keys equally free are chosen by what they allow.
+    waits = {"a": 0.0, "b": 0.0, "c": 1.0}
+    rates = {"a": 30.0, "b": 10.0, "c": 100.0}
+    picks = [pool.pick(waits.get, rates.get) for _ in range(4000)]
+    assert "c" not in picks
+    assert 0.70 < picks.count("a") / len(picks) < 0.80
+
+
 def test_unauthorised_key_cools_down() -> None:
     clock = Clock()
     pool = KeyPool([("a", 1.0), ("b", 1.0)], 60, clock=clock)
