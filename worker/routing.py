@@ -81,9 +81,6 @@ class KeyPool:
     def names(self) -> list[str]:
         return [k for k, _ in self._keys]
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def report(self, key: str | None, exc: ProviderError) -> None:
         if key is None:
             return
@@ -238,8 +235,9 @@ class ProviderSet:
     async def _once(self, configured: str, entry: ProviderEntry, operation: Operation[T],
                     body: bytes, ctx: CallContext, max_inline_wait: float | None) -> T:
         name = entry.provider.name
-        if len(entry.keys) > 1:
-            await self._pacer.settle(configured, entry.keys.names())
+        names = entry.keys.names()
+        if len(names) > 1:
+            await self._pacer.settle(configured, names)
         key = entry.keys.pick(lambda k: self._pacer.soonest(configured, k),
                               lambda k: self._pacer.rate(configured, k))
         if max_inline_wait is None:  # a sync request, or a job with fallbacks to move on to
