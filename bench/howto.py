@@ -41,7 +41,12 @@ and empties the fake provider's call log.
 1. *Sync*: `POST /anthropic/v1/messages` (small prompt, `max_tokens` 64) through Ferry (api →
    RabbitMQ → worker → fake provider and back) vs the same body straight to the fake provider's
    `POST /v1/messages`, open loop at 100, 300 and 1000 RPS, then closed loop with 64
-   connections. *compare* on Ferry's row: Ferry − direct at p50/p99 (the added ms). Then
+   connections. Between them, at every rate and in the closed loop, the floor of the
+   design (`bench/floor.py`): an aiohttp front that publishes the body to a classic queue and
+   a relay process that POSTs it to the fake provider and publishes the answer back, with
+   Ferry's libraries and nothing else (no auth, validation, admission, history, metrics).
+   *compare* on Ferry's row: Ferry − direct at p50/p99 (the added ms), and of that the broker
+   hop's part (floor − direct); Ferry − floor is what Ferry's own code adds. Then
    overload: Ferry alone, open loop at 3× its closed-loop maximum of the same run; goodput
    (200s/s) as a share of that maximum, the 200s' p50/p99, and the 529s' count and p50/p99
    from intended send time (how quickly the excess is refused).

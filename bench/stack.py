@@ -37,6 +37,7 @@ class FerryStack:
     api_port: int = field(default_factory=free_port)
     fake_port: int = field(default_factory=free_port)
     bare_port: int = field(default_factory=free_port)
+    floor_port: int = field(default_factory=free_port)
     api_metrics_port: int = field(default_factory=free_port)
     workers: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
@@ -56,6 +57,10 @@ class FerryStack:
     @property
     def bare_url(self) -> str:
         return f"http://127.0.0.1:{self.bare_port}"
+
+    @property
+    def floor_url(self) -> str:
+        return f"http://127.0.0.1:{self.floor_port}"
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -174,6 +179,19 @@ class FerryStack:
 
     def stop_bare(self) -> None:
         self.procs.stop("bare")
+
+    async def start_floor(self) -> None:
+        """The floor of the design (bench/floor.py): a front and a relay over the broker."""
+        queue = f"{self.namespace}.floor"
+        floor = [sys.executable, "-m", "bench.floor"]
+        self.procs.start("floor-relay", [*floor, "relay", "--queue", queue,
+                                         "--upstream", self.fake_url], self.env())
+        self.procs.start("floor-front", [*floor, "front", "--queue", queue,
+                                         "--port", str(self.floor_port)], self.env())
+        await wait_http(f"{self.floor_url}/healthz", self.procs, "floor-front")
+
+    def stop_floor(self) -> None:
+        self.procs.stop_many(["floor-front", "floor-relay"], timeout=15)
 
     def stop(self) -> None:
         self.procs.stop_all()

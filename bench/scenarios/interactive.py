@@ -22,12 +22,15 @@ STREAM_HOW = (f"open-loop; first `event:` line and end of stream from intended s
               f"{STREAM_CHUNKS} text deltas, no upstream delay")
 
 
-def targets(b: Bench, body: str, stream: bool = False) -> list[Target]:
+def targets(b: Bench, body: str, stream: bool = False, floor: bool = False) -> list[Target]:
     found = [
         Target("ferry", f"{b.stack.api_url}/anthropic/v1/messages", body, ferry_headers(),
                stream),
         Target("direct", f"{b.stack.fake_url}/v1/messages", body, ferry_headers(), stream),
     ]
+    if floor:  # bench/floor.py: the broker hop and nothing else
+        found.insert(1, Target("floor", f"{b.stack.floor_url}/v1/messages", body,
+                               ferry_headers(), stream))
     if b.peer is not None:
         found.append(Target("litellm", f"{b.peer.url}/v1/messages", body, b.peer.headers(),
                             stream))
@@ -37,11 +40,19 @@ def targets(b: Bench, body: str, stream: bool = False) -> list[Target]:
 async def run_sync(b: Bench) -> None:
     scenario = "1 sync"
     await b.stack.start_workers(b.workers)
+    await b.stack.start_floor()
+    try:
+        await _sync_rows(b, scenario)
+    finally:
+        b.stack.stop_floor()
+
+
+async def _sync_rows(b: Bench, scenario: str) -> None:
     body = sync_body()
     over: dict[str, float] = {}  # target -> the rate it could not keep up with
     for rate in SYNC_RATES:
         rows: dict[str, tuple[LoadResult, LatencyRow]] = {}
-        for target in targets(b, body):
+        for target in targets(b, body, floor=True):
             if target.name in over and target.name != "ferry":
                 # A higher rate only lengthens its queue (and the time it takes to drain).
                 b.report.note(f"{scenario}: {target.name} not run at {rate} RPS: it fell "
@@ -55,7 +66,7 @@ async def run_sync(b: Bench) -> None:
         _compare(b, scenario, f"at {rate} RPS", rows, "latency")
 
     maxima: dict[str, LoadResult] = {}
-    for target in targets(b, body):
+    for target in targets(b, body, floor=True):
         maxima[target.name] = await b.closed(
             scenario, target, SATURATION_CONNECTIONS, CLOSED_HOW,
             profile=("api", "worker.1") if target.name == "ferry" else ())
@@ -126,6 +137,19 @@ def _compare(b: Bench, scenario: str, where: str,
         parts.append(f"vs direct p50/p99 {added}")
         b.report.figure(scenario, f"added latency {where}, p50 / p99 (Ferry − direct)", added,
                         ferry.describe_load(), f"{ferry.duration:g} s", "difference of the rows")
+    if "floor" in rows:
+        floor, _ = rows["floor"]
+        l50, l99 = floor.ms(50, which), floor.ms(99, which)
+        if None not in (f50, f99, l50, l99, d50, d99):
+            design = f"+{fmt_ms(l50 - d50)} / +{fmt_ms(l99 - d99)} ms"  # type: ignore[operator]
+            own = f"{_signed(f50 - l50)} / {_signed(f99 - l99)} ms"  # type: ignore[operator]
+            parts.append(f"of which the broker hop (floor − direct) {design}")
+            b.report.figure(scenario, f"the broker hop's floor {where}, p50 / p99 "
+                            "(floor − direct)", design, floor.describe_load(),
+                            f"{floor.duration:g} s", "difference of the rows; bench/floor.py")
+            b.report.figure(scenario, f"Ferry's own added latency {where}, p50 / p99 "
+                            "(Ferry − floor)", own, ferry.describe_load(),
+                            f"{ferry.duration:g} s", "difference of the rows")
     if "litellm" in rows:
         peer, _ = rows["litellm"]
         l50, l99 = peer.ms(50, which), peer.ms(99, which)
@@ -140,3 +164,7 @@ def _compare(b: Bench, scenario: str, where: str,
         index = b.report.latency.index(ferry_row)
         ferry_row = b.report.latency[index - 1]
     ferry_row.compare = "; ".join(parts)
+
+
+def _signed(ms: float) -> str:
+    return f"+{fmt_ms(ms)}" if ms >= 0 else f"−{fmt_ms(-ms)}"
