@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # above the target for an interval; at once when a request has waited for a worker past
     # the wait, or past the in-flight cap.
     admission_target_s: float = Field(
-        0.02, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+        0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
     admission_interval_s: float = Field(
         0.1, gt=0, validation_alias=_env("FERRY_ADMISSION_INTERVAL"))
     admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))
