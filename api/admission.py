@@ -13,11 +13,21 @@ front door estimates the queueing delay a new request would meet:
   every few milliseconds runs);
 
 and refuses a new request with 529 `overloaded_error` and a `retry-after`, at the top of the
-handler (before the caller is authenticated or the body read), on the CoDel rule: once the
-delay has stayed above FERRY_ADMISSION_TARGET for a whole FERRY_ADMISSION_INTERVAL, and then
-while it stays above. A burst passes, and so does a closed-loop client at saturation whose
-connections keep the queue under the target; an open-loop excess is refused within about an
-interval, after which the requests admitted wait about the target. Right after a refusal
+handler (before the caller is authenticated or the body read), on the CoDel rule: once a delay
+has stayed above its target for a whole FERRY_ADMISSION_INTERVAL, and then while it stays
+above. Each signal has its own target:
+
+- the wait for a worker, FERRY_ADMISSION_TARGET (20 ms): what a request admitted under
+  overload waits, so short; but a queue of at most FERRY_ADMISSION_MIN_QUEUE requests is never
+  refused on it (as CoDel never drops from a queue under one packet: refusing a handful of
+  requests relieves nothing, and a slow moment of a shared machine must not refuse them);
+- the api's event-loop lag, FERRY_ADMISSION_LAG_TARGET (200 ms): a loop that runs late is
+  slow for every request alike, and lags of tens of ms come and go on a busy machine.
+
+A burst passes (everything that arrives before a delay has stood for an interval is
+admitted); an open-loop excess is refused within about an interval, after which the requests
+admitted wait about the target. A closed-loop client whose connections hold more than the
+target's worth of work gets some 529s while the workers stay busy. Right after a refusal
 spell, a queue that stands again is refused without a new interval's grace.
 
 Two hard limits besides: the oldest request no worker has answered waiting past
@@ -65,8 +75,11 @@ class _Standing:
 
 class Admission:
     def __init__(self, *, target_s: float, interval_s: float, max_wait_s: float,
-                 max_in_flight: int, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_in_flight: int, lag_target_s: float | None = None, min_queue: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._target_s = target_s
+        self._lag_target_s = target_s if lag_target_s is None else lag_target_s
+        self._min_queue = min_queue
         self._max_wait_s = max_wait_s
         self._max_in_flight = max_in_flight
         self._clock = clock
@@ -86,7 +99,7 @@ class Admission:
     def lag(self, lag_s: float) -> None:
         """A sample of the event loop's lag."""
         self._lag_s = lag_s
-        self._lag.observe(lag_s > self._target_s, self._clock())
+        self._lag.observe(lag_s > self._lag_target_s, self._clock())
 
     def published(self, job_id: uuid.UUID) -> None:
         now = self._clock()
@@ -109,7 +122,10 @@ class Admission:
         now = self._clock()
         if not self._waiting:
             self._busy_s += now - self._busy_since
-        self._queue.observe(self.delay(now) > self._target_s, now)
+        self._queue.observe(self._queue_over(now), now)
+
+    def _queue_over(self, now: float) -> bool:
+        return len(self._waiting) > self._min_queue and self.delay(now) > self._target_s
 
     @property
     def waiting(self) -> int:
@@ -139,8 +155,8 @@ class Admission:
     def admit(self) -> None:
         """Raises Overloaded if a request arriving now should be refused."""
         now = self._clock()
-        lag = self._lag.observe(self._lag_s > self._target_s, now)
-        queue = self._queue.observe(self.delay(now) > self._target_s, now)
+        lag = self._lag.observe(self._lag_s > self._lag_target_s, now)
+        queue = self._queue.observe(self._queue_over(now), now)
         oldest = next(iter(self._waiting.values()), now)
         if lag or queue or self.in_flight >= self._max_in_flight \
                 or now - oldest > self._max_wait_s:

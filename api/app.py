@@ -202,7 +202,9 @@ def create_app(settings: Settings) -> web.Application:
     app[ADMISSION] = Admission(target_s=settings.admission_target_s,
                                interval_s=settings.admission_interval_s,
                                max_wait_s=settings.admission_wait_s,
-                               max_in_flight=settings.admission_max_in_flight)
+                               max_in_flight=settings.admission_max_in_flight,
+                               lag_target_s=settings.admission_lag_target_s,
+                               min_queue=settings.admission_min_queue)
     app[CATALOG] = ModelCatalog(providers, metrics)
     app.on_response_prepare.append(no_banner)
     app.cleanup_ctx.append(_store_ctx)

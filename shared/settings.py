@@ -143,11 +143,15 @@ class Settings(BaseSettings):
     )
     ping_interval_s: float = Field(10.0, gt=0, validation_alias=_env("FERRY_PING_INTERVAL"))
     # Admission (api/admission.py): new sync/stream requests are refused with 529 once the
-    # queueing delay they meet (before a worker answers; the api's event-loop lag) has stayed
-    # above the target for an interval; at once when a request has waited for a worker past
-    # the wait, or past the in-flight cap.
+    # queueing delay they meet (before a worker answers, over a queue longer than the
+    # minimum; the api's event-loop lag) has stayed above its target for an interval; at once
+    # when a request has waited for a worker past the wait, or past the in-flight cap.
     admission_target_s: float = Field(
-        0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+        0.02, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+    admission_lag_target_s: float = Field(
+        0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_LAG_TARGET"))
+    admission_min_queue: int = Field(
+        8, ge=0, validation_alias=_env("FERRY_ADMISSION_MIN_QUEUE"))
     admission_interval_s: float = Field(
         0.1, gt=0, validation_alias=_env("FERRY_ADMISSION_INTERVAL"))
     admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))

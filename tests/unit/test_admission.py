@@ -177,3 +177,35 @@ def test_an_event_loop_lag_above_the_target_for_an_interval_refuses() -> None:
     assert not admitted(gate)
     gate.lag(TARGET / 2)
     assert admitted(gate)
+
+
+def test_a_queue_of_at_most_the_minimum_is_never_refused_on_its_delay() -> None:
+    """A handful of requests on slow workers (a shared machine's slow moment) stand above
+    the target, but refusing them would relieve nothing."""
+    clock = Clock()
+    gate = Admission(target_s=TARGET, interval_s=INTERVAL, max_wait_s=10.0,
+                     max_in_flight=1000, min_queue=16, clock=clock)
+    serve(gate, clock, rate=20, seconds=5, waiting=16)  # 16 waiting: 0.8 s at 20/s
+    assert gate.delay(clock.now) > TARGET
+    for _ in range(5):
+        assert admitted(gate)
+        clock.now += INTERVAL
+    gate.published(uuid.uuid4())  # the 17th: now the delay rule applies
+    assert admitted(gate)  # it has not stood for an interval yet
+    clock.now += INTERVAL * 1.01
+    assert not admitted(gate)
+
+
+def test_the_event_loop_lag_has_a_target_of_its_own() -> None:
+    clock = Clock()
+    gate = Admission(target_s=0.02, interval_s=INTERVAL, max_wait_s=1.0, max_in_flight=1000,
+                     lag_target_s=0.2, clock=clock)
+    for _ in range(5):  # above the queue's target, under the lag's: a busy loop, admitted
+        gate.lag(0.1)
+        assert admitted(gate)
+        clock.now += INTERVAL
+    gate.lag(0.3)
+    assert admitted(gate)
+    clock.now += INTERVAL * 1.01
+    gate.lag(0.3)
+    assert not admitted(gate)
