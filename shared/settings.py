@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     admission_lag_target_s: float = Field(
         0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_LAG_TARGET"))
     admission_min_queue: int = Field(
-        8, ge=0, validation_alias=_env("FERRY_ADMISSION_MIN_QUEUE"))
+        16, ge=0, validation_alias=_env("FERRY_ADMISSION_MIN_QUEUE"))
     admission_interval_s: float = Field(
         0.1, gt=0, validation_alias=_env("FERRY_ADMISSION_INTERVAL"))
     admission_wait_s: float = Field(1.0, gt=0, validation_alias=_env("FERRY_ADMISSION_WAIT"))
@@ -286,7 +286,8 @@ ENV_GROUPS: dict[str, tuple[str, ...]] = {
     "api": ("FERRY_HOST", "FERRY_PORT", "FERRY_MAX_BODY", "FERRY_BODY_TIMEOUT",
             "FERRY_PARSE_OFFLOAD_BYTES", "FERRY_PICKUP_TIMEOUT", "FERRY_REQUEST_TIMEOUT",
             "FERRY_STREAM_IDLE_TIMEOUT", "FERRY_PING_INTERVAL", "FERRY_ADMISSION_TARGET",
-            "FERRY_ADMISSION_INTERVAL", "FERRY_ADMISSION_WAIT", "FERRY_ADMISSION_MAX_IN_FLIGHT",
+            "FERRY_ADMISSION_INTERVAL", "FERRY_ADMISSION_LAG_TARGET", "FERRY_ADMISSION_MIN_QUEUE",
+            "FERRY_ADMISSION_WAIT", "FERRY_ADMISSION_MAX_IN_FLIGHT",
             "FERRY_STATS_INTERVAL", "FERRY_METRICS_PORT", "FERRY_METRICS_HOST"),
     "auth": ("FERRY_AUTH", "FERRY_ADMIN_KEY"),
     "results": ("FERRY_RESULT_TTL", "FERRY_RESULT_TTL_MAX"),
