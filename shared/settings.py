@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     # minimum; the api's event-loop lag) has stayed above its target for an interval; at once
     # when a request has waited for a worker past the wait, or past the in-flight cap.
     admission_target_s: float = Field(
-        0.02, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
+        0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_TARGET"))
     admission_lag_target_s: float = Field(
         0.2, gt=0, validation_alias=_env("FERRY_ADMISSION_LAG_TARGET"))
     admission_min_queue: int = Field(
