@@ -96,8 +96,13 @@ class FerryStack:
         if code != 0:
             raise BenchError(f"ferry keys create failed ({code}):\n"
                              f"{log_tail(self.procs.logs['keys'])}")
-        self.procs.start("api", [*FERRY, "api"],
-                         self.env({"FERRY_METRICS_PORT": str(self.api_metrics_port)}))
+        await self.start_api()
+
+    async def start_api(self, extra: dict[str, str] | None = None) -> None:
+        """(Re)start the api, with `extra` settings on top of the run's."""
+        self.procs.stop("api")
+        self.procs.start("api", [*FERRY, "api"], self.env(
+            {"FERRY_METRICS_PORT": str(self.api_metrics_port), **(extra or {})}))
         await wait_http(f"{self.api_url}/readyz", self.procs, "api")
 
     async def clear_fake_calls(self) -> None:
