@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import uuid
 
 import aio_pika
@@ -30,7 +29,7 @@ import aiohttp
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from shared.runtime import loop_factory, run
+from shared.runtime import Lifecycle, loop_factory, serve
 
 PREFETCH = 64
 FORWARDED = ("content-type", "anthropic-version")
@@ -93,7 +92,7 @@ def front(port: int, queue: str) -> None:
                 handle_signals=True, handler_cancellation=True, loop=loop_factory()())
 
 
-async def relay_main(queue: str, upstream: str, api_key: str) -> None:
+async def relay_main(life: Lifecycle, queue: str, upstream: str, api_key: str) -> None:
     connection = await aio_pika.connect(_amqp_url())
     channel = await connection.channel(publisher_confirms=False)
     await channel.set_qos(prefetch_count=PREFETCH)
@@ -122,11 +121,8 @@ async def relay_main(queue: str, upstream: str, api_key: str) -> None:
         task.add_done_callback(tasks.discard)
 
     await (await channel.get_queue(queue)).consume(on_message)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    life.started = True
+    await life.stop.wait()
     await connection.close()
     await session.close()
 
@@ -148,7 +144,7 @@ def main() -> None:
     else:
         if args.upstream is None:
             parser.error("relay needs --upstream")
-        run(relay_main(args.queue, args.upstream, args.api_key))
+        serve(lambda life: relay_main(life, args.queue, args.upstream, args.api_key))
 
 
 if __name__ == "__main__":

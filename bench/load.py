@@ -66,6 +66,12 @@ class LoadResult:
         return self.ok / self.span_s if self.span_s > 0 else 0.0
 
     @property
+    def over_capacity(self) -> bool:
+        """An open-loop run that completed under 95% of its rate: its queue grew for the
+        whole run, and so did its latencies."""
+        return self.mode == "open" and self.achieved_rps < 0.95 * self.rate
+
+    @property
     def generator_cpu(self) -> float:
         """CPU the generators used, in cores (1.0 = one core busy)."""
         return self.cpu_s / self.wall_s * self.generators if self.wall_s else 0.0

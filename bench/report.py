@@ -147,8 +147,7 @@ class Report:
 
 def _achieved(result: LoadResult) -> str:
     text = f"{fmt_rate(result.achieved_rps)}/s"
-    if result.mode == "open" and result.achieved_rps < 0.95 * result.rate:
-        # Past saturation: the queue grows for the whole run, so do the latencies.
+    if result.over_capacity:
         text += " **over capacity**"
     return text
 

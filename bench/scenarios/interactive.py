@@ -63,7 +63,7 @@ async def _sync_rows(b: Bench, scenario: str) -> None:
                 continue
             result = await b.open(scenario, target, rate, OPEN_HOW)
             rows[target.name] = (result, b.report.latency[-1])
-            if result.achieved_rps < 0.95 * rate:
+            if result.over_capacity:
                 over.setdefault(target.name, rate)
             await b.settle()
         _compare(b, scenario, f"at {rate} RPS", rows, "latency")
@@ -157,7 +157,7 @@ def _compare(b: Bench, scenario: str, where: str,
         parts.append(f"vs direct p50/p99 {added}")
         b.report.figure(scenario, f"added latency {where}, p50 / p99 (Ferry − direct)", added,
                         ferry.describe_load(), f"{ferry.duration:g} s", "difference of the rows")
-    if "floor" in rows and not _over(rows["floor"][0]) and not _over(ferry):
+    if "floor" in rows and not rows["floor"][0].over_capacity and not ferry.over_capacity:
         # Past either one's capacity the rows measure queues, not what a request costs.
         floor, _ = rows["floor"]
         l50, l99 = floor.ms(50, which), floor.ms(99, which)
@@ -189,7 +189,3 @@ def _compare(b: Bench, scenario: str, where: str,
 
 def _signed(ms: float) -> str:
     return f"+{fmt_ms(ms)}" if ms >= 0 else f"−{fmt_ms(-ms)}"
-
-
-def _over(result: LoadResult) -> bool:
-    return result.mode == "open" and result.achieved_rps < 0.95 * result.rate
