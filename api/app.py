@@ -98,11 +98,12 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BROKER] = broker = await Broker.connect(app[SETTINGS], role="api")
     store = app[STORE]
     app[BATCHES] = batches = Batches(BatchStore(store, app[SETTINGS].database_url), broker)
-    app[SUBMITS] = SubmitBatcher(store, broker)
+    app[SUBMITS] = submits = SubmitBatcher(store, broker)
     app[REPLIES] = replies = ReplyRouter()
     await replies.start(broker)
     async with batches.running():
         yield
+    await submits.drain()
     replies.fail_all()
     await broker.close()
 

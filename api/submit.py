@@ -27,6 +27,7 @@ log = get_logger("ferry.api")
 
 MAX_BATCH = 200
 MAX_FLUSHES = 4  # batches in flight at once: overlaps database and broker round trips
+MAX_MARK = 5000  # published jobs recorded per statement
 RECONNECT_WAIT_S = 3.0  # how long a submit waits for the broker connection to come back
 
 _Pending = tuple[NewJob, "asyncio.Future[None]"]
@@ -38,6 +39,8 @@ class SubmitBatcher:
         self._broker = broker
         self._queue: list[_Pending] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._marks: list[uuid.UUID] = []  # published, not yet recorded as such
+        self._marking: asyncio.Task[None] | None = None
 
     async def submit(self, job: NewJob) -> None:
         """Returns once the job is committed and its message confirmed; raises FerryError
@@ -128,18 +131,42 @@ class SubmitBatcher:
             await self._broker.publish_raw_job(job.id, job.message)
 
     async def _settle(self, jobs: list[NewJob], results: list[FerryError | None]) -> None:
-        """After the answers: record what was published, withdraw what was not. If this
-        fails, the reconciler publishes the rows left unmarked (a duplicate at worst)."""
-        published = [job.id for job, r in zip(jobs, results, strict=True) if r is None]
+        """After the answers: withdraw what was not published, and hand what was to the
+        marker (which records it in the background)."""
+        self._marks.extend(job.id for job, r in zip(jobs, results, strict=True) if r is None)
+        if self._marks and self._marking is None:
+            self._marking = asyncio.create_task(self._mark())
         refused = [job.id for job, r in zip(jobs, results, strict=True) if r is not None]
+        if not refused:
+            return
         try:
-            if published:
-                await self._store.mark_published(published)
-            if refused:
-                await self._store.withdraw(refused)
+            await self._store.withdraw(refused)
         except FerryError as exc:
-            log.warning("could not record the outcome of a submit batch; the reconciler will",
-                        error=exc.message, published=len(published), refused=len(refused))
+            log.warning("could not withdraw the refused members of a submit batch; the "
+                        "reconciler will publish them", error=exc.message, refused=len(refused))
+
+    async def _mark(self) -> None:
+        """Record published jobs, one statement at a time for every batch confirmed since
+        the last, so marking never holds up a batch (or a flush slot). What is lost here
+        (an error, a crash) only costs a duplicate message: the reconciler publishes rows
+        left unmarked, and the job row lets one worker run it."""
+        try:
+            while self._marks:
+                ids, self._marks = self._marks[:MAX_MARK], self._marks[MAX_MARK:]
+                try:
+                    await self._store.mark_published(ids)
+                except FerryError as exc:
+                    log.warning("could not record published submits; the reconciler will "
+                                "publish them again", error=exc.message, published=len(ids))
+        finally:
+            self._marking = None
+
+    async def drain(self) -> None:
+        """Wait for the batches in flight and the marks they leave (at shutdown, before the
+        broker and the store close)."""
+        while self._flushes or self._marking is not None:
+            await asyncio.gather(*self._flushes, *([self._marking] if self._marking else []),
+                                 return_exceptions=True)
 
 
 def _fail(batch: list[_Pending], error: FerryError) -> None:

@@ -180,14 +180,21 @@ _HISTORY_COLUMNS = [
     "key_id",
 ]
 
+# Jobs and their payloads in one statement (so one round trip, atomic without a transaction
+# block): the payloads' foreign key is checked at the end of the statement, rows in place.
 _INSERT_JOBS = (
-    "INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds, upstream_model,"
-    " request_id, key_id, webhook_endpoint_id) SELECT * FROM unnest($1::uuid[], $2::bytea[],"
-    " $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[], $8::text[], $9::uuid[],"
-    " $10::uuid[])"
+    "WITH j AS (INSERT INTO jobs (id, caller_hash, mode, model, provider, ttl_seconds,"
+    " upstream_model, request_id, key_id, webhook_endpoint_id) SELECT * FROM unnest("
+    "$1::uuid[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::integer[], $7::text[],"
+    " $8::text[], $9::uuid[], $10::uuid[]))"
+    " INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $11::bytea[])"
 )
-_INSERT_PAYLOADS = (
-    "INSERT INTO job_payloads (job_id, message) SELECT * FROM unnest($1::uuid[], $2::bytea[])"
+
+# An asynchronous commit in one round trip: set_config(..., true) lasts for the statement's
+# own transaction, and its commit is what reads the setting.
+_MARK_PUBLISHED = (
+    "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))"
+    " UPDATE jobs SET published_at = now() FROM async_commit WHERE id = ANY($1::uuid[])"
 )
 
 # Take each job if it is waiting (and due), or if the lease of the worker that had it ran out.
@@ -332,9 +339,13 @@ class Store:
         its key's limit of unfinished jobs. Returns a per-job error (None where the job was
         stored); raises StoreUnavailable when nothing could be stored."""
         try:
-            async with self._conn() as conn, conn.transaction():
-                refused = await _over_pending(conn, jobs)
-                await self._insert(conn, [j for i, j in enumerate(jobs) if i not in refused])
+            async with self._conn() as conn:
+                if not any(_limited(j) for j in jobs):
+                    await self._insert(conn, jobs)
+                    return [None] * len(jobs)
+                async with conn.transaction():
+                    refused = await _over_pending(conn, jobs)
+                    await self._insert(conn, [j for i, j in enumerate(jobs) if i not in refused])
             return [refused.get(i) for i in range(len(jobs))]
         except _BAD_DATA:
             if len(jobs) == 1:
@@ -360,9 +371,8 @@ class Store:
             [j.mode for j in jobs], [j.model for j in jobs], [j.provider for j in jobs],
             [j.ttl_seconds for j in jobs], [j.upstream_model for j in jobs],
             [j.request_id for j in jobs], [j.key_id for j in jobs],
-            [j.webhook_endpoint_id for j in jobs],
+            [j.webhook_endpoint_id for j in jobs], [j.message for j in jobs],
         )
-        await conn.execute(_INSERT_PAYLOADS, [j.id for j in jobs], [j.message for j in jobs])
 
     async def insert_idempotent(self, job: NewJob, key: str, body_hash: bytes
                                 ) -> tuple[uuid.UUID, Status, bool]:
@@ -395,9 +405,10 @@ class Store:
         return job.id, "pending", True
 
     async def mark_published(self, ids: list[uuid.UUID]) -> None:
+        """Bookkeeping that need not wait for the disk: a mark lost in a database crash
+        makes the reconciler publish the job again, which its row makes harmless."""
         async with self._conn() as conn:
-            await conn.execute(
-                "UPDATE jobs SET published_at = now() WHERE id = ANY($1::uuid[])", ids)
+            await conn.execute(_MARK_PUBLISHED, ids)
 
     async def withdraw(self, ids: list[uuid.UUID]) -> None:
         """Remove submits whose publish failed (their client gets an error), unless a worker
@@ -753,7 +764,7 @@ async def _insert_with_delivery(conn: asyncpg.Connection, job_id: uuid.UUID,
 async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[int, FerryError]:
     """The members a key's limit of unfinished async jobs refuses. The keys' rows are locked
     until the transaction ends, so concurrent submits (on any api) count one after another."""
-    limited = sorted({j.key_id for j in jobs if j.key_id is not None and j.max_pending})
+    limited = sorted({j.key_id for j in jobs if j.key_id is not None and _limited(j)})
     if not limited:
         return {}
     await conn.execute("SELECT 1 FROM api_keys WHERE id = ANY($1::uuid[]) ORDER BY id"
@@ -773,6 +784,11 @@ async def _over_pending(conn: asyncpg.Connection, jobs: list[NewJob]) -> dict[in
         else:
             counts[job.key_id] = counts.get(job.key_id, 0) + 1
     return refused
+
+
+def _limited(job: NewJob) -> bool:
+    """Whether the job's key caps its unfinished async jobs."""
+    return job.key_id is not None and bool(job.max_pending)
 
 
 def _count(status: str) -> int:

@@ -3,6 +3,7 @@ envelope table, request ids, backpressure, and polling."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from api.app import create_app
+from shared.broker import Broker
 from shared.settings import Settings
 from tests.support import MODEL, request_body
 
@@ -192,6 +194,24 @@ async def test_submit_when_the_queue_is_full_is_overloaded_and_leaves_no_job(
     assert (status, error_type) == (529, "overloaded_error")
     rows = await db.fetch("SELECT id FROM jobs")
     assert {"job_" + r["id"].hex for r in rows} == set(accepted)
+
+
+async def test_concurrent_submits_are_stored_queued_and_marked_published(
+    make_client: MakeClient, db: asyncpg.Connection, broker: Broker,
+) -> None:
+    """Submits share batches; each is answered once stored and confirmed, and its row is
+    marked published in the background (by the time the api has shut down: a row left
+    unmarked would be published a second time by the reconciler)."""
+    client = await make_client()
+    responses = await asyncio.gather(*(
+        client.post(PATH, data=request_body(f"job {i}"), headers=ASYNC) for i in range(50)))
+    assert [r.status for r in responses] == [200] * 50
+    ids = {uuid.UUID(hex=(await r.json())["id"].removeprefix("job_")) for r in responses}
+    await client.close()
+    rows = await db.fetch("SELECT id, published_at FROM jobs")
+    assert {r["id"] for r in rows} == ids
+    assert [r["id"] for r in rows if r["published_at"] is None] == []
+    assert await broker.jobs_queue_depth() == 50
 
 
 async def test_poll_of_a_pending_job(client: TestClient) -> None:
