@@ -559,9 +559,7 @@ class Store:
         the database refuses is dropped alone; returns how many were dropped."""
         records = [_history_record(r) for r in rows]
         try:
-            async with self._conn() as conn:
-                await conn.copy_records_to_table("jobs", records=records,
-                                                 columns=_HISTORY_COLUMNS)
+            await self._copy_history(records)
             return 0
         except (*_BAD_DATA, asyncpg.UniqueViolationError):
             if len(records) == 1:
@@ -569,12 +567,16 @@ class Store:
         dropped = 0
         for record in records:
             try:
-                async with self._conn() as conn:
-                    await conn.copy_records_to_table("jobs", records=[record],
-                                                     columns=_HISTORY_COLUMNS)
+                await self._copy_history([record])
             except (*_BAD_DATA, asyncpg.UniqueViolationError):
                 dropped += 1
         return dropped
+
+    async def _copy_history(self, records: list[tuple[object, ...]]) -> None:
+        # Best effort, so an asynchronous commit: it need not wait for the disk.
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            await conn.copy_records_to_table("jobs", records=records, columns=_HISTORY_COLUMNS)
 
     # --- reconciler ------------------------------------------------------------------------
 
