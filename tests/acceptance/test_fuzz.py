@@ -110,7 +110,10 @@ async def ferry(test_run: TestRun,
 
 @pytest_asyncio.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
+    # Shorter than the stack's keep-alive timeout (BODY_TIMEOUT_S), so that a pooled
+    # connection is never reused just as the api closes it.
+    connector = aiohttp.TCPConnector(keepalive_timeout=BODY_TIMEOUT_S / 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
         yield session
 
 

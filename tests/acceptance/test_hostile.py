@@ -98,8 +98,11 @@ async def ferry(test_run: TestRun,
 
 @pytest_asyncio.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # No connection limit: "concurrent" must mean concurrent, not 100 at a time.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # No connection limit: "concurrent" must mean concurrent, not 100 at a time. The stack
+    # closes a connection idle for BODY_TIMEOUT_S (its keep-alive timeout): a pooled one idle
+    # about that long could be reused just as the api closes it, and a POST is not retried.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=BODY_TIMEOUT_S / 4)
+    async with aiohttp.ClientSession(connector=connector) as session:
         yield session
 
 
