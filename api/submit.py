@@ -29,6 +29,7 @@ MAX_BATCH = 200
 MAX_FLUSHES = 4  # batches in flight at once: overlaps database and broker round trips
 MAX_MARK = 5000  # published jobs recorded per statement
 RECONNECT_WAIT_S = 3.0  # how long a submit waits for the broker connection to come back
+DRAIN_TIMEOUT_S = 10.0  # how long shutdown waits for batches in flight and their marks
 
 _Pending = tuple[NewJob, "asyncio.Future[None]"]
 
@@ -158,15 +159,24 @@ class SubmitBatcher:
                 except FerryError as exc:
                     log.warning("could not record published submits; the reconciler will "
                                 "publish them again", error=exc.message, published=len(ids))
+                except Exception:
+                    log.exception("could not record published submits; the reconciler will "
+                                  "publish them again", published=len(ids))
         finally:
             self._marking = None
 
     async def drain(self) -> None:
         """Wait for the batches in flight and the marks they leave (at shutdown, before the
-        broker and the store close)."""
-        while self._flushes or self._marking is not None:
-            await asyncio.gather(*self._flushes, *([self._marking] if self._marking else []),
-                                 return_exceptions=True)
+        broker and the store close), for at most DRAIN_TIMEOUT_S: what is still unmarked
+        then, the reconciler publishes again."""
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                while self._flushes or self._marking is not None:
+                    await asyncio.gather(*self._flushes, *filter(None, [self._marking]),
+                                         return_exceptions=True)
+        except TimeoutError:
+            log.warning("submit batches still in flight at shutdown were left to the "
+                        "reconciler", batches=len(self._flushes), unmarked=len(self._marks))
 
 
 def _fail(batch: list[_Pending], error: FerryError) -> None:
