@@ -7,12 +7,15 @@ run creates is named after its run id and removed when the session ends.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -261,6 +264,50 @@ def pytest_configure(config: pytest.Config) -> None:
     # teardown still removes its databases and queues.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+
+
+HANG_DUMP_LEAD_S = 60  # the asyncio tasks are printed this long before pytest-timeout fires
+
+
+def _print_tasks() -> None:
+    """Every task of the running loop with where it waits (pytest-timeout shows threads only,
+    and a hung teardown is one await among many tasks)."""
+    tasks = asyncio.all_tasks()
+    print(f"+++ {len(tasks)} asyncio tasks near the timeout +++", file=sys.stderr)
+    for task in tasks:
+        print(f"{task!r}", file=sys.stderr)
+        awaitable: Any = task.get_coro()
+        while awaitable is not None:  # the chain of awaits, outermost first
+            frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "ag_frame", None)
+            if frame is not None:
+                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                      file=sys.stderr)
+            awaitable = getattr(awaitable, "cr_await", None) or getattr(awaitable, "ag_await", None)
+            if awaitable is not None and not hasattr(awaitable, "cr_frame") and not hasattr(
+                    awaitable, "ag_frame"):
+                print(f"    awaits {awaitable!r}"[:300], file=sys.stderr)
+                break
+
+
+def _dump_asyncio_tasks() -> None:
+    for loop in [o for o in gc.get_objects() if isinstance(o, asyncio.AbstractEventLoop)]:
+        if loop.is_running() and not loop.is_closed():
+            loop.call_soon_threadsafe(_print_tasks)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    timeout = float(item.config.getini("timeout") or 0)
+    timer = None
+    if timeout > HANG_DUMP_LEAD_S:
+        timer = threading.Timer(timeout - HANG_DUMP_LEAD_S, _dump_asyncio_tasks)
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest_asyncio.fixture(scope="session")
