@@ -52,6 +52,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 from shared.errors import Overloaded
+from shared.runtime import stop_task
 
 RETRY_AFTER = {"retry-after": "1"}
 LAG_EVERY_S = 0.005
@@ -175,13 +176,11 @@ class Admission:
     @contextlib.asynccontextmanager
     async def probing(self) -> AsyncIterator[None]:
         """Sample the running loop's lag while the block runs."""
-        task = asyncio.create_task(self._probe_lag())
+        task = asyncio.create_task(self._probe_lag(), name="lag probe")
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     async def _probe_lag(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -58,7 +57,7 @@ from shared.logging import get_logger
 from shared.metrics import Metrics, metrics_server
 from shared.migrate import missing_migrations
 from shared.providers import load_providers
-from shared.runtime import Lifecycle
+from shared.runtime import Lifecycle, cancel_requested, stop_task
 from shared.settings import Settings
 from shared.store import Store
 from shared.webhookstore import WebhookStore
@@ -110,11 +109,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _stats_ctx(app: web.Application) -> AsyncIterator[None]:
     """Queue depths and unfinished-job counts for /metrics (what autoscalers read)."""
-    task = asyncio.create_task(_refresh_stats(app))
+    task = asyncio.create_task(_refresh_stats(app), name="stats")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
 
 
 async def _refresh_stats(app: web.Application) -> None:
@@ -126,6 +123,8 @@ async def _refresh_stats(app: web.Application) -> None:
             for status, count in (await store.unfinished_counts()).items():
                 metrics.jobs_unfinished.labels(status).set(count)
         except Exception as exc:  # stale figures beat a dead loop; say why once per round
+            if cancel_requested():
+                raise asyncio.CancelledError from exc
             log.warning("could not refresh stats", error=f"{type(exc).__name__}: {exc}")
         await asyncio.sleep(app[SETTINGS].stats_interval_s)
 

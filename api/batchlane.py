@@ -14,6 +14,7 @@ from shared.batchstore import BatchStore, format_batch_id
 from shared.broker import Broker
 from shared.errors import FerryError
 from shared.logging import get_logger
+from shared.runtime import stop_task
 
 log = get_logger("ferry.batches")
 
@@ -40,9 +41,9 @@ class Batches:
         try:
             yield self
         finally:
-            for task in list(self._publishers):
-                task.cancel()  # what is left unpublished, the reconciler publishes
-            await asyncio.gather(*self._publishers, return_exceptions=True)
+            # What is left unpublished, the reconciler publishes.
+            await asyncio.gather(*(stop_task(task) for task in list(self._publishers)),
+                                 return_exceptions=True)
 
     async def _publish(self, batch_id: uuid.UUID, count: int) -> None:
         """Queue a new batch's requests in order, marking them published as the broker

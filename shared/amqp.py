@@ -21,6 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from shared.logging import get_logger
+from shared.runtime import stop_task
 
 log = get_logger("ferry.amqp")
 
@@ -125,9 +126,7 @@ class Link:
         self._closing = True
         self._up.clear()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(*CONNECT_ERRORS):

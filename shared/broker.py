@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -78,6 +79,13 @@ def webhook_tier(delay_s: float) -> int:
     """The longest webhook tier that does not overshoot `delay_s` (the shortest, below it)."""
     return max((t for t in WEBHOOK_DELAY_TIERS_S if t <= delay_s),
                default=WEBHOOK_DELAY_TIERS_S[0])
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A done callback: the outcome of a task nobody may await any more is read, so asyncio
+    does not log it as never retrieved (the awaiting caller sees it the usual way)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class TopologyMismatch(Exception):
@@ -576,10 +584,20 @@ class Broker:
     # --- inspection ------------------------------------------------------------------------
 
     async def queue_depths(self) -> dict[str, int]:
-        """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too)."""
+        """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too).
+
+        A caller cancelled meanwhile leaves the inquiry to finish on its own: aiormq answers a
+        channel open cancelled before the broker's reply by failing the whole connection (the
+        publishers and consumers on it too), and the caller would get that error instead of
+        its cancellation."""
         connection = self._link.connection
         if connection is None:
             raise Unavailable("the message broker is unavailable")
+        inquiry = asyncio.ensure_future(self._queue_depths(connection))
+        inquiry.add_done_callback(_retrieve)
+        return await asyncio.shield(inquiry)
+
+    async def _queue_depths(self, connection: AbstractConnection) -> dict[str, int]:
         channel = await connection.channel(publisher_confirms=False)
         try:
             depths = {}

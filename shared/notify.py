@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 
 from shared.logging import get_logger
+from shared.runtime import stop_task
 from shared.store import _TRANSIENT
 
 log = get_logger("ferry.notify")
@@ -39,9 +40,7 @@ class Listener:
         try:
             yield self
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     async def wait_listening(self, timeout_s: float) -> bool:
         with contextlib.suppress(asyncio.TimeoutError):

@@ -9,7 +9,14 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from shared.logging import get_logger
+
 T = TypeVar("T")
+
+log = get_logger("ferry.runtime")
+
+RECANCEL_EVERY_S = 1.0
+STOP_TASK_TIMEOUT_S = 10.0
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -34,6 +41,33 @@ class Lifecycle:
         self.stop = asyncio.Event()
         self.started = False
         self.signalled = False
+
+
+def cancel_requested() -> bool:
+    """Whether the running task was asked to stop. A loop that catches errors and goes on
+    checks this: a library may turn the cancellation into an error of its own (aiormq does when
+    it meets a channel being opened), and the loop would run on."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def stop_task(task: asyncio.Task[Any], *, timeout_s: float = STOP_TASK_TIMEOUT_S) -> None:
+    """Cancel a background task and wait until it ended. A cancellation a library swallowed
+    is repeated every RECANCEL_EVERY_S; after `timeout_s` the task is left running, with an
+    error in the log, rather than hold up the shutdown forever. An error the task ended with is
+    raised here, as awaiting it would."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not task.done():
+        left = deadline - loop.time()
+        if left <= 0:
+            log.error("a background task ignored its cancellation; left running",
+                      task=task.get_name())
+            return
+        task.cancel()
+        await asyncio.wait([task], timeout=min(RECANCEL_EVERY_S, left))
+    if not task.cancelled():
+        task.result()
 
 
 def raise_open_files_limit() -> None:

@@ -38,6 +38,7 @@ from shared.jobs import JobEnvelope, format_job_id
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.providers import Route
+from shared.runtime import stop_task
 from shared.settings import CONSUMER_TIMEOUT_MARGIN_S, Settings
 from shared.store import Claim, Finished, Outcome, Store, StoreUnavailable
 from shared.webhookstore import WebhookStore
@@ -145,10 +146,8 @@ class Worker:
         if webhook_session is not None:
             await webhook_session.close()
         history_stop.set()
-        for task in side_tasks:
-            if task.get_name() not in ("history", "meter"):
-                task.cancel()
-        await asyncio.gather(*side_tasks, return_exceptions=True)
+        await asyncio.gather(*(task if task.get_name() in ("history", "meter") else stop_task(task)
+                               for task in side_tasks), return_exceptions=True)
         log.info("worker stopped")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], lane: str = "async") -> asyncio.Task[None]:
@@ -167,10 +166,8 @@ class Worker:
     async def _drain(self, grace_s: float) -> None:
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in pending:
-                task.cancel()  # the task hands its job back on cancellation
-            if pending:
-                await asyncio.wait(pending)
+            # A task hands its job back on cancellation.
+            await asyncio.gather(*(stop_task(task) for task in pending), return_exceptions=True)
 
     async def _heartbeat(self) -> None:
         """Extend the leases of the jobs this worker runs, every third of a lease."""

@@ -98,3 +98,23 @@ async def test_a_message_rejected_without_requeue_is_dead_lettered(
     assert dead.message_id == sent.job_id.hex
     assert job_envelope(dead) == sent
     assert await broker.jobs_queue_depth() == 0
+
+
+async def test_cancelling_a_queue_depth_inquiry_cancels_only_the_caller(broker: Broker) -> None:
+    """The stats refresher is cancelled at shutdown wherever it is. A cancel landing on the
+    inquiry's channel open used to fail the whole connection, and reach the caller as that
+    connection's error rather than as a cancellation (its loop then ran on, and shutdown
+    hung)."""
+    connection = broker._link.connection
+    assert connection is not None
+    rounds = 100
+    for i in range(rounds):  # cancels spread over the inquiry's steps, ~1 ms apart
+        inquiry = asyncio.create_task(broker.queue_depths())
+        await asyncio.sleep(i * 0.00005)
+        inquiry.cancel()
+        done, _ = await asyncio.wait([inquiry], timeout=5)
+        assert done, "a cancelled inquiry went on"
+        assert inquiry.cancelled() or not isinstance(inquiry.exception(), Exception), \
+            f"round {i}: the cancellation came back as {inquiry.exception()!r}"
+    assert broker._link.connection is connection and not connection.is_closed
+    assert set(await broker.queue_depths()) == {"async", "interactive", "batch", "webhooks"}
