@@ -30,9 +30,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -50,6 +50,8 @@ from shared.logging import get_logger
 from shared.settings import Settings
 
 log = get_logger("ferry.broker")
+
+T = TypeVar("T")
 
 PUBLISH_TIMEOUT_S = 10.0
 # Delayed retries wait in one queue per delay: every message in a queue has the same TTL, so
@@ -81,9 +83,19 @@ def webhook_tier(delay_s: float) -> int:
                default=WEBHOOK_DELAY_TIERS_S[0])
 
 
+async def _uncancellable(inquiry: Coroutine[Any, Any, T]) -> T:
+    """Run an inquiry on a channel of its own, which a cancelled caller leaves to finish by
+    itself: aiormq answers a channel open cancelled before the broker's open-ok by failing the
+    whole connection (the publishers and consumers on it too), and the caller would get that
+    connection's error instead of its CancelledError."""
+    task = asyncio.ensure_future(inquiry)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
-    """A done callback: the outcome of a task nobody may await any more is read, so asyncio
-    does not log it as never retrieved (the awaiting caller sees it the usual way)."""
+    """The outcome of a task its caller may have stopped waiting for is read, so asyncio does
+    not log it as never retrieved (a caller still waiting sees it the usual way)."""
     if not task.cancelled():
         task.exception()
 
@@ -409,6 +421,10 @@ class Broker:
 
     @staticmethod
     async def _depth(connection: AbstractConnection, queue: str) -> int:
+        return await _uncancellable(Broker._inquire_depth(connection, queue))
+
+    @staticmethod
+    async def _inquire_depth(connection: AbstractConnection, queue: str) -> int:
         channel = await connection.channel(publisher_confirms=False)
         try:
             declared = await channel.declare_queue(queue, passive=True)
@@ -584,18 +600,11 @@ class Broker:
     # --- inspection ------------------------------------------------------------------------
 
     async def queue_depths(self) -> dict[str, int]:
-        """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too).
-
-        A caller cancelled meanwhile leaves the inquiry to finish on its own: aiormq answers a
-        channel open cancelled before the broker's reply by failing the whole connection (the
-        publishers and consumers on it too), and the caller would get that error instead of
-        its cancellation."""
+        """Messages ready in each lane's queue (what KEDA's RabbitMQ scaler reads too)."""
         connection = self._link.connection
         if connection is None:
             raise Unavailable("the message broker is unavailable")
-        inquiry = asyncio.ensure_future(self._queue_depths(connection))
-        inquiry.add_done_callback(_retrieve)
-        return await asyncio.shield(inquiry)
+        return await _uncancellable(self._queue_depths(connection))
 
     async def _queue_depths(self, connection: AbstractConnection) -> dict[str, int]:
         channel = await connection.channel(publisher_confirms=False)
