@@ -126,10 +126,11 @@ def job_message(envelope: JobEnvelope) -> aio_pika.Message:
     )
 
 
-def batch_job_message(job_id: uuid.UUID) -> aio_pika.Message:
-    """A batch request's message: just its id (the worker reads the request from the store)."""
-    return aio_pika.Message(b"", message_id=job_id.hex, content_type=BATCH_JOB_CONTENT_TYPE,
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+def batch_job_properties(job_id: uuid.UUID) -> aiormq.spec.Basic.Properties:
+    """A batch request's message is just these, with an empty body: its id (the worker reads
+    the request from the store)."""
+    return aiormq.spec.Basic.Properties(message_id=job_id.hex,
+                                        content_type=BATCH_JOB_CONTENT_TYPE, delivery_mode=2)
 
 
 def message_job_id(message: AbstractIncomingMessage) -> uuid.UUID:
@@ -352,27 +353,32 @@ class Broker:
 
     async def publish_job(self, envelope: JobEnvelope, *, routing_key: str | None = None) -> None:
         """Returns once the broker has confirmed the message is stored."""
-        await self._publish_confirmed(job_message(envelope), routing_key)
+        message = job_message(envelope)
+        await self._publish_confirmed(message.body, message.properties, routing_key)
 
     async def publish_raw_job(self, job_id: uuid.UUID, body: bytes) -> None:
-        """Publish a job message kept by the outbox (its encoded envelope)."""
-        await self._publish_confirmed(durable_job_message(job_id, body), None)
+        """Publish a job message kept by the outbox (its encoded envelope). The submit path:
+        its properties are built as aiormq sends them, not through an aio_pika.Message."""
+        await self._publish_confirmed(body, aiormq.spec.Basic.Properties(
+            message_id=job_id.hex, content_type=JOB_CONTENT_TYPE, delivery_mode=2), None)
 
-    async def _publish_confirmed(self, message: aio_pika.Message,
+    async def _publish_confirmed(self, body: bytes, properties: aiormq.spec.Basic.Properties,
                                  routing_key: str | None) -> None:
         queue = routing_key or self._settings.jobs_queue
         try:
-            await self._confirmed(lambda: self._channel(), message, queue, mandatory=True)
+            await self._confirmed(lambda: self._channel(), body, properties, queue,
+                                  mandatory=True)
+        except aio_pika.exceptions.PublishError as exc:  # a return (a DeliveryError too)
+            raise Unavailable("the job queue does not exist; is the broker set up?") from exc
         except aio_pika.exceptions.DeliveryError as exc:
             # A nack: with x-overflow=reject-publish this is the queue being full.
             raise Overloaded("the job queue is full; retry later") from exc
-        except aio_pika.exceptions.PublishError as exc:
-            raise Unavailable("the job queue does not exist; is the broker set up?") from exc
         except CONNECT_ERRORS as exc:
             raise Unavailable("the message broker is unavailable; retry later") from exc
 
-    async def _confirmed(self, channel: Callable[[], AbstractChannel],
-                         message: aio_pika.Message, queue: str, *, mandatory: bool) -> None:
+    async def _confirmed(self, channel: Callable[[], AbstractChannel], body: bytes,
+                         properties: aiormq.spec.Basic.Properties, queue: str, *,
+                         mandatory: bool) -> None:
         """Publish with a confirm. A nack from a queue that is not full means the channel is
         stuck on a quorum queue's old leader (RabbitMQ 3.10 sets a channel's queue client up
         from the queue record, which for a moment after a node died still names it): the
@@ -380,10 +386,10 @@ class Broker:
         deadline = time.monotonic() + STALE_RETRY_S
         while True:
             try:
-                await channel().default_exchange.publish(message, routing_key=queue,
-                                                         mandatory=mandatory,
-                                                         timeout=PUBLISH_TIMEOUT_S)
+                await _send(channel(), body, "", queue, properties, mandatory=mandatory)
                 return
+            except aio_pika.exceptions.PublishError:
+                raise  # returned: no such queue, which no reopening mends
             except aio_pika.exceptions.DeliveryError:
                 if time.monotonic() > deadline or not await self._reopen_if_stale(queue):
                     raise
@@ -438,7 +444,7 @@ class Broker:
         broker confirmed it."""
         tier = delay_tier(delay_s)
         if envelope.mode == "batch":
-            await self._publish_confirmed(batch_job_message(envelope.job_id),
+            await self._publish_confirmed(b"", batch_job_properties(envelope.job_id),
                                           self.batch_delay_queue(tier))
         else:
             await self.publish_job(envelope, routing_key=self.delay_queue(tier))
@@ -451,7 +457,8 @@ class Broker:
         for start in range(0, len(ids), window):
             chunk = ids[start:start + window]
             results = await asyncio.gather(
-                *(self._publish_confirmed(batch_job_message(job_id), self._settings.batch_queue)
+                *(self._publish_confirmed(b"", batch_job_properties(job_id),
+                                          self._settings.batch_queue)
                   for job_id in chunk), return_exceptions=True)
             for job_id, result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
@@ -470,7 +477,8 @@ class Broker:
                                    content_type=WEBHOOK_CONTENT_TYPE,
                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
         try:
-            await self._confirmed(lambda: self._channel(), message, queue, mandatory=True)
+            await self._confirmed(lambda: self._channel(), message.body, message.properties,
+                                  queue, mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:  # a nack, or a return
             raise Unavailable(f"the broker refused a webhook delivery ({exc})") from exc
         except CONNECT_ERRORS as exc:
@@ -494,8 +502,8 @@ class Broker:
             else:
                 message = job_message(envelope)
                 message.expiration = self._settings.pickup_timeout_s
-                await self._confirmed(lambda: self._usable(self._interactive), message, queue,
-                                      mandatory=False)
+                await self._confirmed(lambda: self._usable(self._interactive), message.body,
+                                      message.properties, queue, mandatory=False)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Overloaded("too many requests are waiting for a worker; retry later",
                              headers={"retry-after": "1"}) from exc
@@ -638,18 +646,21 @@ class Broker:
 
 
 async def _send(channel: AbstractChannel, body: bytes, exchange: str, routing_key: str,
-                properties: aiormq.spec.Basic.Properties) -> None:
-    """An unconfirmed publish on the fastest path (sync/stream requests, replies, cancels):
-    the frames are queued for the connection's writer and the call returns, instead of
-    holding the channel's lock until the socket has drained, so concurrent requests do not
-    queue behind each other's writes. Nothing is lost by it: an unconfirmed message was never
-    known to have reached the broker anyway, and a lost connection fails every waiter."""
+                properties: aiormq.spec.Basic.Properties, *, mandatory: bool = False) -> None:
+    """A publish straight through aiormq: the frames are queued for the connection's writer,
+    instead of holding the channel's lock until the socket has drained, so concurrent
+    publishes do not queue behind each other's writes. On a channel without confirms that is
+    the whole call (sync/stream requests, replies, cancels; nothing is lost by it: such a
+    message was never known to have reached the broker anyway, and a lost connection fails
+    every waiter); on one with confirms it returns once the broker confirmed, and raises
+    DeliveryError for a nack and PublishError for a return (the channel's on_return_raises),
+    as aio_pika's Exchange.publish would, without building an aio_pika.Message first."""
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = await channel.get_underlay_channel()
     await underlay.basic_publish(  # type: ignore[call-arg]  # `wait`: aiormq's, not its ABC's
         body, exchange=exchange, routing_key=routing_key, properties=properties,
-        timeout=PUBLISH_TIMEOUT_S, wait=False)
+        mandatory=mandatory, timeout=PUBLISH_TIMEOUT_S, wait=False)
 
 
 def topology_names(settings: Settings) -> tuple[list[str], list[str]]:

@@ -11,7 +11,7 @@ import pytest_asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared.broker import Broker, job_envelope
-from shared.errors import Overloaded
+from shared.errors import Overloaded, Unavailable
 from shared.jobs import JobEnvelope, new_job_id
 from shared.settings import Settings
 from tests.support import MODEL, eventually, request_body
@@ -118,3 +118,11 @@ async def test_cancelling_a_queue_depth_inquiry_cancels_only_the_caller(broker: 
             f"round {i}: the cancellation came back as {inquiry.exception()!r}"
     assert broker._link.connection is connection and not connection.is_closed
     assert set(await broker.queue_depths()) == {"async", "interactive", "batch", "webhooks"}
+
+
+async def test_a_job_for_a_missing_queue_is_unavailable_at_once(broker: Broker) -> None:
+    """The broker returns a message no queue takes: that is a missing queue, not a full one
+    (which a nack says), and no reopening of channels will mend it."""
+    with pytest.raises(Unavailable, match="does not exist"):
+        await asyncio.wait_for(broker.publish_job(envelope(), routing_key="ferry-no-such-queue"),
+                               2)
