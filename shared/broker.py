@@ -83,6 +83,21 @@ def webhook_tier(delay_s: float) -> int:
                default=WEBHOOK_DELAY_TIERS_S[0])
 
 
+async def _inquire_depths(connection: AbstractConnection, queues: list[str]) -> list[int]:
+    """Messages ready in each queue, asked on a channel of its own (a passive declare of a
+    missing queue closes its channel)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        depths = []
+        for name in queues:
+            declared = await channel.declare_queue(name, passive=True)
+            depths.append(declared.declaration_result.message_count or 0)
+        return depths
+    finally:
+        with contextlib.suppress(*CONNECT_ERRORS):
+            await channel.close()
+
+
 async def _uncancellable(inquiry: Coroutine[Any, Any, T]) -> T:
     """Run an inquiry on a channel of its own, which a cancelled caller leaves to finish by
     itself: aiormq answers a channel open cancelled before the broker's open-ok by failing the
@@ -104,26 +119,19 @@ class TopologyMismatch(Exception):
     """A queue exists with other arguments (declared by an older Ferry): retrying won't help."""
 
 
-def durable_job_message(job_id: uuid.UUID, body: bytes) -> aio_pika.Message:
-    """An async job's message: `body` is its encoded envelope (as the outbox stores it)."""
-    return aio_pika.Message(body, message_id=job_id.hex, content_type=JOB_CONTENT_TYPE,
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-
-
-def job_message(envelope: JobEnvelope) -> aio_pika.Message:
-    interactive = envelope.reply_to is not None
-    if not interactive:
-        return durable_job_message(envelope.job_id, envelope.encode())
-    return aio_pika.Message(
-        envelope.encode(),
-        message_id=envelope.job_id.hex,
-        correlation_id=envelope.job_id.hex if interactive else None,
-        reply_to=envelope.reply_to,
-        content_type=JOB_CONTENT_TYPE,
-        # Interactive requests are not durable work: nobody waits for them after a restart.
-        delivery_mode=(aio_pika.DeliveryMode.NOT_PERSISTENT if interactive
-                       else aio_pika.DeliveryMode.PERSISTENT),
-    )
+def job_properties(job_id: uuid.UUID, reply_to: str | None = None,
+                   expiration: str | None = None) -> aiormq.spec.Basic.Properties:
+    """A job message's properties (its body is the encoded envelope). An async job's message
+    is durable; an interactive request's (one with a reply_to) is not: nobody waits for it
+    after a restart. It carries its id as the correlation id of the replies, and expires
+    (`expiration`, in ms) when no worker took it in time."""
+    hex_id = job_id.hex
+    if reply_to is None:
+        return aiormq.spec.Basic.Properties(message_id=hex_id, content_type=JOB_CONTENT_TYPE,
+                                            delivery_mode=2)
+    return aiormq.spec.Basic.Properties(message_id=hex_id, correlation_id=hex_id,
+                                        reply_to=reply_to, content_type=JOB_CONTENT_TYPE,
+                                        delivery_mode=1, expiration=expiration)
 
 
 def batch_job_properties(job_id: uuid.UUID) -> aiormq.spec.Basic.Properties:
@@ -353,14 +361,13 @@ class Broker:
 
     async def publish_job(self, envelope: JobEnvelope, *, routing_key: str | None = None) -> None:
         """Returns once the broker has confirmed the message is stored."""
-        message = job_message(envelope)
-        await self._publish_confirmed(message.body, message.properties, routing_key)
+        await self._publish_confirmed(envelope.encode(),
+                                      job_properties(envelope.job_id, envelope.reply_to),
+                                      routing_key)
 
     async def publish_raw_job(self, job_id: uuid.UUID, body: bytes) -> None:
-        """Publish a job message kept by the outbox (its encoded envelope). The submit path:
-        its properties are built as aiormq sends them, not through an aio_pika.Message."""
-        await self._publish_confirmed(body, aiormq.spec.Basic.Properties(
-            message_id=job_id.hex, content_type=JOB_CONTENT_TYPE, delivery_mode=2), None)
+        """Publish a job message kept by the outbox (its encoded envelope)."""
+        await self._publish_confirmed(body, job_properties(job_id), None)
 
     async def _publish_confirmed(self, body: bytes, properties: aiormq.spec.Basic.Properties,
                                  routing_key: str | None) -> None:
@@ -427,17 +434,8 @@ class Broker:
 
     @staticmethod
     async def _depth(connection: AbstractConnection, queue: str) -> int:
-        return await _uncancellable(Broker._inquire_depth(connection, queue))
-
-    @staticmethod
-    async def _inquire_depth(connection: AbstractConnection, queue: str) -> int:
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            declared = await channel.declare_queue(queue, passive=True)
-            return declared.declaration_result.message_count or 0
-        finally:
-            with contextlib.suppress(*CONNECT_ERRORS):
-                await channel.close()
+        [depth] = await _uncancellable(_inquire_depths(connection, [queue]))
+        return depth
 
     async def publish_delayed(self, envelope: JobEnvelope, delay_s: float) -> None:
         """Park a job for a later attempt (in its own lane's delay tier); returns once the
@@ -473,12 +471,12 @@ class Broker:
         it); returns once the broker confirmed it."""
         queue = (self.webhook_delay_queue(webhook_tier(delay_s)) if delay_s > 0
                  else self._settings.webhooks_queue)
-        message = aio_pika.Message(b"", message_id=delivery_id.hex,
-                                   content_type=WEBHOOK_CONTENT_TYPE,
-                                   delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        properties = aiormq.spec.Basic.Properties(message_id=delivery_id.hex,
+                                                  content_type=WEBHOOK_CONTENT_TYPE,
+                                                  delivery_mode=2)
         try:
-            await self._confirmed(lambda: self._channel(), message.body, message.properties,
-                                  queue, mandatory=True)
+            await self._confirmed(lambda: self._channel(), b"", properties, queue,
+                                  mandatory=True)
         except aio_pika.exceptions.DeliveryError as exc:  # a nack, or a return
             raise Unavailable(f"the broker refused a webhook delivery ({exc})") from exc
         except CONNECT_ERRORS as exc:
@@ -490,20 +488,14 @@ class Broker:
         never picked up, and the api answers 529 when the pickup timeout passes. On a
         quorum queue (a cluster), confirmed: a refusal is a 529 at once."""
         queue = self._settings.interactive_queue
-        expiration = str(int(self._settings.pickup_timeout_s * 1000))
+        properties = job_properties(envelope.job_id, envelope.reply_to,
+                                    str(int(self._settings.pickup_timeout_s * 1000)))
         try:
             if self._interactive is self._fast:
-                hex_id = envelope.job_id.hex
-                await _send(self._channel(fast=True), envelope.encode(), "", queue,
-                            aiormq.spec.Basic.Properties(
-                                message_id=hex_id, correlation_id=hex_id,
-                                reply_to=envelope.reply_to, content_type=JOB_CONTENT_TYPE,
-                                delivery_mode=1, expiration=expiration))
+                await _send(self._channel(fast=True), envelope.encode(), "", queue, properties)
             else:
-                message = job_message(envelope)
-                message.expiration = self._settings.pickup_timeout_s
-                await self._confirmed(lambda: self._usable(self._interactive), message.body,
-                                      message.properties, queue, mandatory=False)
+                await self._confirmed(lambda: self._usable(self._interactive), envelope.encode(),
+                                      properties, queue, mandatory=False)
         except aio_pika.exceptions.DeliveryError as exc:
             raise Overloaded("too many requests are waiting for a worker; retry later",
                              headers={"retry-after": "1"}) from exc
@@ -612,22 +604,11 @@ class Broker:
         connection = self._link.connection
         if connection is None:
             raise Unavailable("the message broker is unavailable")
-        return await _uncancellable(self._queue_depths(connection))
-
-    async def _queue_depths(self, connection: AbstractConnection) -> dict[str, int]:
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            depths = {}
-            for lane, name in (("async", self._settings.jobs_queue),
-                               ("interactive", self._settings.interactive_queue),
-                               ("batch", self._settings.batch_queue),
-                               ("webhooks", self._settings.webhooks_queue)):
-                queue = await channel.declare_queue(name, passive=True)
-                depths[lane] = queue.declaration_result.message_count or 0
-            return depths
-        finally:
-            with contextlib.suppress(*CONNECT_ERRORS):
-                await channel.close()
+        s = self._settings
+        lanes = {"async": s.jobs_queue, "interactive": s.interactive_queue,
+                 "batch": s.batch_queue, "webhooks": s.webhooks_queue}
+        depths = await _uncancellable(_inquire_depths(connection, list(lanes.values())))
+        return dict(zip(lanes, depths, strict=True))
 
     async def jobs_queue_depth(self) -> int:
         return (await self.queue_depths())["async"]
@@ -654,7 +635,7 @@ async def _send(channel: AbstractChannel, body: bytes, exchange: str, routing_ke
     message was never known to have reached the broker anyway, and a lost connection fails
     every waiter); on one with confirms it returns once the broker confirmed, and raises
     DeliveryError for a nack and PublishError for a return (the channel's on_return_raises),
-    as aio_pika's Exchange.publish would, without building an aio_pika.Message first."""
+    as aio_pika's Exchange.publish would, from properties built as aiormq sends them."""
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     underlay = await channel.get_underlay_channel()
