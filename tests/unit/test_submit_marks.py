@@ -1,5 +1,5 @@
-"""The submit batcher's bookkeeping after the answers: marks gather behind a slow one, and
-shutdown waits for them only so long (stand-ins for the store and broker; the real ones are in
+"""The submit batcher's bookkeeping after the answers: marks gather for a while and behind a
+slow one, shutdown records what gathered at once and waits for it only so long (stand-ins for the store and broker; the real ones are in
 tests/integration/test_api.py)."""
 
 from __future__ import annotations
@@ -44,7 +44,35 @@ def batcher(store: SlowMarkStore) -> SubmitBatcher:
     return SubmitBatcher(cast(Store, store), cast(Broker, InstantBroker()))
 
 
-async def test_submits_are_answered_while_a_mark_is_slow_and_later_marks_share_one() -> None:
+async def test_marks_gather_and_share_one_statement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api.submit, "MARK_EVERY_S", 0.2)
+    store = SlowMarkStore()
+    store.release.set()
+    submits = batcher(store)
+    jobs = [job() for _ in range(3)]
+    for j in jobs:  # three batches, one after another
+        await asyncio.wait_for(submits.submit(j), 1)
+    assert store.marks == []
+    await asyncio.sleep(0.4)
+    assert store.marks == [[j.id for j in jobs]]
+
+
+async def test_shutdown_records_gathered_marks_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api.submit, "MARK_EVERY_S", 60)
+    store = SlowMarkStore()
+    store.release.set()
+    submits = batcher(store)
+    first = job()
+    await asyncio.wait_for(submits.submit(first), 1)
+    await asyncio.sleep(0)
+    assert store.marks == []
+    await asyncio.wait_for(submits.drain(), 1)
+    assert store.marks == [[first.id]]
+
+
+async def test_submits_are_answered_while_a_mark_is_slow_and_later_marks_share_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api.submit, "MARK_EVERY_S", 0)
     store = SlowMarkStore()
     submits = batcher(store)
     first = job()
