@@ -1,6 +1,6 @@
 """The submit batcher's bookkeeping after the answers: marks gather for a while and behind a
-slow one, shutdown records what gathered at once and waits for it only so long (stand-ins for the store and broker; the real ones are in
-tests/integration/test_api.py)."""
+slow one, and shutdown records what gathered at once and waits for it only so long
+(stand-ins for the store and broker; the real ones are in tests/integration/test_api.py)."""
 
 from __future__ import annotations
 
