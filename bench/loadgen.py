@@ -10,7 +10,10 @@ Plain requests go through `bench.lean` (a few times cheaper than aiohttp's clien
 generator shares the machine with what it measures); streams through aiohttp's client.
 
 Latencies go into HdrHistograms (microseconds, 3 significant digits), encoded in the result so
-the parent adds up the histograms of several generator processes exactly.
+the parent adds up the histograms of several generator processes exactly. Times are read from
+`time.monotonic()`, not the event loop's clock: uvloop's `loop.time()` is libuv's cached
+`uv_now`, in whole milliseconds and as of the start of the loop's current iteration, which
+made every latency a multiple of 1 ms (offset by the intended send time) and a little early.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hdrh.histogram import HdrHistogram
 from bench.lean import HTTPFailure, LeanClient, retry_after_seconds
 
 LOWEST_US, HIGHEST_US, DIGITS = 1, 3_600_000_000, 3
+now = time.monotonic  # the clock of every time here (see above)
 
 
 def new_histogram() -> HdrHistogram:
@@ -98,14 +102,13 @@ class Sender:
     async def __call__(self) -> Answer:
         if self._lean is None:
             return await _request(self._session, self._spec, self._body)
-        loop = asyncio.get_running_loop()
         try:
             status, retry_after = await self._lean.post()
         except (TimeoutError, HTTPFailure, OSError) as exc:
             return (str(exc) if isinstance(exc, HTTPFailure) else type(exc).__name__,
-                    loop.time(), None, None)
+                    now(), None, None)
         error = None if status == self._spec.expect_status else f"http_{status}"
-        return error, loop.time(), None, retry_after
+        return error, now(), None, retry_after
 
     def close(self) -> None:
         if self._lean is not None:
@@ -114,37 +117,35 @@ class Sender:
 
 async def _request(session: aiohttp.ClientSession, spec: Spec, body: bytes) -> Answer:
     """What `Sender` answers, through aiohttp's client (streams)."""
-    loop = asyncio.get_running_loop()
     first: float | None = None
     try:
         async with session.post(spec.url, data=body, headers=spec.headers) as resp:
             if resp.status != spec.expect_status:
                 await resp.read()
                 retry_after = resp.headers.get("retry-after")
-                return (f"http_{resp.status}", loop.time(), None,
+                return (f"http_{resp.status}", now(), None,
                         None if retry_after is None else retry_after_seconds(retry_after))
             if not spec.stream:
                 await resp.read()
-                return None, loop.time(), None, None
+                return None, now(), None, None
             stopped = False
             async for line in resp.content:
                 if first is None and line.startswith(b"event:"):
-                    first = loop.time()
+                    first = now()
                 if line.startswith((b"event: message_stop", b"event:message_stop")):
                     stopped = True
-            return (None if stopped else "incomplete_stream"), loop.time(), first, None
+            return (None if stopped else "incomplete_stream"), now(), first, None
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        return type(exc).__name__, loop.time(), None, None
+        return type(exc).__name__, now(), None, None
 
 
 async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> None:
-    loop = asyncio.get_running_loop()
     count = int((spec.warmup + spec.duration) * spec.rate)
     measured_from = origin + spec.warmup
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(intended: float) -> None:
-        start = loop.time()
+        start = now()
         error, done, first, _ = await send()
         if intended < measured_from:
             return
@@ -159,7 +160,7 @@ async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> N
 
     for i in range(count):
         intended = origin + spec.offset + i / spec.rate
-        delay = intended - loop.time()
+        delay = intended - now()
         if delay > 0:
             await asyncio.sleep(delay)
         task = asyncio.create_task(one(intended))
@@ -170,7 +171,6 @@ async def _open_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> N
 
 
 async def _closed_loop(send: Sender, spec: Spec, tally: Tally, origin: float) -> None:
-    loop = asyncio.get_running_loop()
     measured_from = origin + spec.warmup
     end = None if spec.total is not None else measured_from + spec.duration
     remaining = [spec.total]
@@ -181,16 +181,16 @@ async def _closed_loop(send: Sender, spec: Spec, tally: Tally, origin: float) ->
                 return False
             remaining[0] -= 1
             return True
-        return loop.time() < end  # type: ignore[operator]
+        return now() < end  # type: ignore[operator]
 
     async def client() -> None:
         while more():
-            start = loop.time()
+            start = now()
             error, done, first, retry_after = await send()
             if retry_after is not None:
                 # Refused: wait as told before the next request, as the SDKs do. A client
                 # that asks again at once measures how fast Ferry refuses, not what it serves.
-                await asyncio.sleep(min(retry_after, end - loop.time() if end else retry_after))
+                await asyncio.sleep(min(retry_after, end - now() if end else retry_after))
             # Time mode: only requests sent and finished inside the window count.
             if start < measured_from or (end is not None and done > end):
                 continue
@@ -199,15 +199,14 @@ async def _closed_loop(send: Sender, spec: Spec, tally: Tally, origin: float) ->
             else:
                 tally.success(start, done, done - start, None if first is None else first - start)
 
-    delay = origin - loop.time()
+    delay = origin - now()
     if delay > 0:
         await asyncio.sleep(delay)
     await asyncio.gather(*(client() for _ in range(spec.connections)))
 
 
 async def run(spec: Spec) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    origin = loop.time() + (spec.start_at - time.time())
+    origin = now() + (spec.start_at - time.time())
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=0,
                                      ttl_dns_cache=None, force_close=False)
