@@ -15,13 +15,13 @@ refused on its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
 from shared.broker import Broker
 from shared.errors import FerryError, Unavailable
 from shared.jobs import Status
 from shared.logging import get_logger
+from shared.runtime import wait_set
 from shared.store import NewJob, Store
 
 log = get_logger("ferry.api")
@@ -159,10 +159,7 @@ class SubmitBatcher:
         unmarked and the job row lets one worker run it."""
         try:
             while self._marks:
-                if not self._draining.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(MARK_EVERY_S):
-                            await self._draining.wait()
+                await wait_set(self._draining, MARK_EVERY_S)
                 ids, self._marks = self._marks[:MAX_MARK], self._marks[MAX_MARK:]
                 try:
                     await self._store.mark_published(ids)

@@ -51,6 +51,15 @@ def cancel_requested() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+async def wait_set(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set or `timeout_s` has passed (a background loop's pause that a
+    stop cuts short); whether it is set."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    return event.is_set()
+
+
 async def stop_task(task: asyncio.Task[Any], *, timeout_s: float = STOP_TASK_TIMEOUT_S) -> None:
     """Cancel a background task and wait until it ended. A cancellation a library swallowed
     is repeated every RECANCEL_EVERY_S; after `timeout_s` the task is left running, with an

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from shared.logging import get_logger
+from shared.runtime import wait_set
 from shared.store import HistoryRow, Store
 
 log = get_logger("ferry.history")
@@ -42,5 +42,4 @@ class HistoryWriter:
             except Exception:
                 log.exception("could not record history", rows=len(rows))
             if self._rows.qsize() < self._batch:  # let the next batch gather
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._linger_s)
+                await wait_set(stop, self._linger_s)

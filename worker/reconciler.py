@@ -31,6 +31,7 @@ from shared.errors import FerryError, Unavailable
 from shared.jobs import format_job_id
 from shared.logging import get_logger
 from shared.metrics import Metrics
+from shared.runtime import wait_set
 from shared.settings import Settings
 from shared.store import Outcome, Store, StoredMessage, StoreUnavailable
 from shared.webhooks import delivery_header_id
@@ -65,10 +66,7 @@ class Reconciler:
                 log.warning("reconcile round skipped", error=exc.message)
             except Exception:
                 log.exception("reconcile round failed; will try again")
-            try:
-                await asyncio.wait_for(stop.wait(), self._settings.reconcile_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(stop, self._settings.reconcile_interval_s)
 
     async def reconcile_once(self) -> dict[str, int] | None:
         """One round; None if another replica holds the lock. Returns what it did."""

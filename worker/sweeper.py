@@ -10,6 +10,7 @@ from shared.batchstore import BatchStore
 from shared.keystore import KeyStore
 from shared.logging import get_logger
 from shared.metrics import Metrics
+from shared.runtime import wait_set
 from shared.settings import Settings
 from shared.store import Store
 
@@ -67,7 +68,4 @@ class Sweeper:
                 await self.sweep_once()
             except Exception:
                 log.exception("sweep failed; will try again")
-            try:
-                await asyncio.wait_for(stop.wait(), self._settings.sweep_interval_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(stop, self._settings.sweep_interval_s)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from shared.keystore import KeyStore
 from shared.logging import get_logger
+from shared.runtime import wait_set
 from shared.store import StoreUnavailable
 
 log = get_logger("ferry.usage")
@@ -42,8 +43,5 @@ class TokenMeter:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), FLUSH_S)
-            except asyncio.TimeoutError:
-                pass
+            await wait_set(stop, FLUSH_S)
             await self.flush()

@@ -1,4 +1,5 @@
-"""Stopping background tasks whose libraries swallow a cancellation."""
+"""Stopping background tasks whose libraries swallow a cancellation; a loop's pause that a stop
+cuts short."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import pytest
 
 from shared import runtime
-from shared.runtime import cancel_requested, stop_task
+from shared.runtime import cancel_requested, stop_task, wait_set
 
 
 async def _loop_converting_cancels(rounds: list[int], *, check: bool,
@@ -79,3 +80,11 @@ async def test_stop_task_raises_what_the_task_ended_with() -> None:
     await asyncio.wait([task])
     with pytest.raises(ValueError, match="broken"):
         await stop_task(task)
+
+
+async def test_a_pause_ends_when_its_time_is_up_or_at_once_when_stopped() -> None:
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(wait_set(stop, 0.01), 1) is False
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    assert await asyncio.wait_for(wait_set(stop, 60), 1) is True
+    assert await asyncio.wait_for(wait_set(stop, 60), 1) is True  # already set: no wait
