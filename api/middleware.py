@@ -3,6 +3,7 @@ envelope."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -58,7 +59,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     if not response.prepared:
         response.headers.setdefault(REQUEST_ID, request_id)  # the provider's, when relayed
         response.headers[FERRY_REQUEST_ID] = request_id
-    _record(request, response.status, started)
+    # aiohttp writes the response once this returns, in the same turn of the event loop: the
+    # access log and metrics wait their turn behind it (in this request's context).
+    asyncio.get_running_loop().call_soon(_record, request, response.status, started)
     return response
 
 

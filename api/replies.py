@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from aio_pika.abc import AbstractIncomingMessage
-
-from shared.broker import Broker, decode_reply
+from shared.broker import Broker, Delivery, decode_reply
 from shared.jobs import Reply
 from shared.logging import get_logger
 
@@ -46,7 +44,7 @@ class ReplyRouter:
         for inbox in self._inboxes.values():
             inbox.put_nowait(BROKEN)
 
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: Delivery) -> None:
         try:
             correlation_id, reply = decode_reply(message)
         except ValueError as exc:

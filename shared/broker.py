@@ -42,6 +42,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 
 from shared.amqp import CONNECT_ERRORS, Link, Lost, split_urls
 from shared.errors import FerryError, Overloaded, Unavailable
@@ -71,6 +72,40 @@ JOB_CONTENT_TYPE = "application/x-ferry-job"
 BATCH_JOB_CONTENT_TYPE = "application/x-ferry-batch-job"
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class Delivery:
+    """A message of one of the two lanes on a sync request's path (a worker's requests, an api's
+    replies), taken from aiormq as it arrives. aio-pika's consumer wraps each delivery in an
+    IncomingMessage and runs the handler in a task of its own that it then awaits: one more
+    turn of the event loop on each of the request's two broker hops, for nothing these
+    handlers use. Only what they read is here."""
+
+    __slots__ = ("body", "correlation_id", "message_id", "reply_to", "redelivered",
+                 "_channel", "_tag")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        self.body: bytes = message.body
+        self.correlation_id: str | None = properties.correlation_id
+        self.message_id: str | None = properties.message_id
+        self.reply_to: str | None = properties.reply_to
+        self.redelivered = bool(message.redelivered)
+        self._channel = message.channel
+        self._tag = message.delivery_tag or 0
+
+    async def ack(self) -> None:
+        # Queued for the connection's writer, not waited for: a lost connection loses it
+        # anyway, and the broker then delivers the message again.
+        await self._channel.basic_ack(self._tag, wait=False)
+
+    async def reject(self, *, requeue: bool) -> None:
+        await self._channel.basic_reject(self._tag, requeue=requeue, wait=False)
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+# Lanes consumed as Delivery; every other lane's handler gets aio-pika's IncomingMessage.
+_DELIVERY_KINDS = ("interactive", "replies")
 
 
 def delay_tier(delay_s: float) -> int:
@@ -141,7 +176,7 @@ def batch_job_properties(job_id: uuid.UUID) -> aiormq.spec.Basic.Properties:
                                         content_type=BATCH_JOB_CONTENT_TYPE, delivery_mode=2)
 
 
-def message_job_id(message: AbstractIncomingMessage) -> uuid.UUID:
+def message_job_id(message: AbstractIncomingMessage | Delivery) -> uuid.UUID:
     """The job a message is about; raises ValueError if it names none."""
     try:
         return uuid.UUID(hex=message.message_id or "")
@@ -149,7 +184,7 @@ def message_job_id(message: AbstractIncomingMessage) -> uuid.UUID:
         raise ValueError(f"message_id {message.message_id!r} is not a job id") from None
 
 
-def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
+def job_envelope(message: AbstractIncomingMessage | Delivery) -> JobEnvelope:
     """Decode a job message; raises ValueError if it is not one."""
     if not message.message_id:
         raise ValueError("job message without message_id")
@@ -160,7 +195,7 @@ def job_envelope(message: AbstractIncomingMessage) -> JobEnvelope:
     return JobEnvelope.decode(job_id, message.body, message.reply_to)
 
 
-def decode_reply(message: AbstractIncomingMessage) -> tuple[str, Reply]:
+def decode_reply(message: AbstractIncomingMessage | Delivery) -> tuple[str, Reply]:
     """(correlation id, reply); raises ValueError for a message that is not a reply."""
     if not message.correlation_id:
         raise ValueError("reply without correlation_id")
@@ -172,7 +207,7 @@ class _Consumer:
     """A consumer to (re)start on every connection."""
 
     kind: str  # jobs | interactive | batch | cancels | replies | dead | webhooks | webhooks_dead
-    handler: Handler
+    handler: Handler | DeliveryHandler
     prefetch: int = 0
     queue: AbstractQueue | None = None
     tag: str | None = None
@@ -547,7 +582,7 @@ class Broker:
             no_ack = True
         consumer.queue = queue
         if not self._paused:
-            consumer.tag = await queue.consume(consumer.handler, no_ack=no_ack)
+            consumer.tag = await _consume(channel, queue, consumer, no_ack)
 
     async def _add_consumer(self, consumer: _Consumer) -> _Consumer:
         self._consumers.append(consumer)
@@ -556,13 +591,13 @@ class Broker:
             await self._start_consumer(connection, consumer)
         return consumer
 
-    async def consume_replies(self, handler: Handler) -> str:
+    async def consume_replies(self, handler: DeliveryHandler) -> str:
         """This api process's reply queue; returns its name (the `reply_to` address). The
         name stays the same across reconnects."""
         await self._add_consumer(_Consumer("replies", handler))
         return self.reply_queue
 
-    async def consume_interactive(self, handler: Handler, prefetch: int) -> None:
+    async def consume_interactive(self, handler: DeliveryHandler, prefetch: int) -> None:
         await self._add_consumer(_Consumer("interactive", handler, prefetch))
 
     async def consume_cancels(self, handler: Handler) -> None:
@@ -624,6 +659,21 @@ class Broker:
         finally:
             with contextlib.suppress(*CONNECT_ERRORS):
                 await channel.close()
+
+
+async def _consume(channel: AbstractChannel, queue: AbstractQueue, consumer: _Consumer,
+                   no_ack: bool) -> str:
+    """Start `consumer` on `queue`; returns its consumer tag."""
+    if consumer.kind not in _DELIVERY_KINDS:
+        return await queue.consume(consumer.handler, no_ack=no_ack)  # type: ignore[arg-type]
+    handler: DeliveryHandler = consumer.handler  # type: ignore[assignment]
+
+    async def deliver(message: DeliveredMessage) -> None:
+        await handler(Delivery(message))
+
+    underlay = await channel.get_underlay_channel()
+    ok = await underlay.basic_consume(queue.name, deliver, no_ack=no_ack)
+    return str(ok.consumer_tag)
 
 
 async def _send(channel: AbstractChannel, body: bytes, exchange: str, routing_key: str,

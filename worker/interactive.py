@@ -18,7 +18,7 @@ import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from shared.broker import Broker, job_envelope, settle
+from shared.broker import Broker, Delivery, job_envelope, settle
 from shared.errors import Unavailable
 from shared.jobs import JobEnvelope, Reply, format_job_id
 from shared.logging import get_logger
@@ -71,7 +71,7 @@ class InteractiveRunner:
         self._unannounced: dict[str, asyncio.TimerHandle] = {}
         self._announcing: dict[str, asyncio.Task[None]] = {}
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
+    async def on_message(self, message: Delivery) -> None:
         correlation = message.correlation_id or ""
         if self._cancelled_early.pop(correlation, None) is not None:
             log.info("interactive request cancelled before it started; dropped",
@@ -95,7 +95,7 @@ class InteractiveRunner:
         if len(self._cancelled_early) > 1000:  # forget the ones past their pickup window
             self._cancelled_early = {k: t for k, t in self._cancelled_early.items() if t > now}
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: Delivery) -> None:
         structlog.contextvars.bind_contextvars(worker_id=self._worker_id)
         try:
             envelope = job_envelope(message)
@@ -160,16 +160,22 @@ class InteractiveRunner:
             if timer is not None:
                 timer.cancel()
             self._cancelled_by_client.discard(envelope.job_id.hex)
-            log.info("request served", operation=envelope.operation, mode=envelope.mode,
-                     status=outcome.http_status or 200, attempts=outcome.attempts.count,
-                     provider=outcome.route.provider if outcome.route else None,
-                     provider_s=round(outcome.provider_seconds, 4)
-                     if outcome.provider_seconds is not None else None)
-            if envelope.operation == "messages":
-                self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
-                self._history.record(outcome.row(envelope, self._worker_id, submitted))
-                if self._meter is not None:
-                    self._meter.record(envelope.key_id, outcome.usage)
+            # The answer is only queued for the connection's writer, which runs once this
+            # task yields: the accounting waits its turn behind it (in this task's context,
+            # so the log line keeps the request's ids).
+            asyncio.get_running_loop().call_soon(self._account, envelope, outcome, submitted)
+
+    def _account(self, envelope: JobEnvelope, outcome: _Outcome, submitted: datetime) -> None:
+        log.info("request served", operation=envelope.operation, mode=envelope.mode,
+                 status=outcome.http_status or 200, attempts=outcome.attempts.count,
+                 provider=outcome.route.provider if outcome.route else None,
+                 provider_s=round(outcome.provider_seconds, 4)
+                 if outcome.provider_seconds is not None else None)
+        if envelope.operation == "messages":
+            self._metrics.jobs_finished.labels(envelope.mode, outcome.status).inc()
+            self._history.record(outcome.row(envelope, self._worker_id, submitted))
+            if self._meter is not None:
+                self._meter.record(envelope.key_id, outcome.usage)
 
     async def _once(self, envelope: JobEnvelope, outcome: _Outcome) -> None:
         operation = create_message if envelope.operation == "messages" else _count_tokens
