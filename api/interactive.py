@@ -28,6 +28,14 @@ log = get_logger("ferry.api")
 
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 BROKER_LOST = "lost the connection to the message broker; retry"
+# A worker serving a sync request repeats "started" this often until it answers; silent for
+# SILENT_AFTER times that, it is taken for dead (killed, or its machine gone) and the client
+# gets a 503 at once instead of a 504 at the request deadline. Its message may come back from
+# the broker to another worker, which then answers 503 too (the api has stopped listening by
+# then); after the pickup timeout the broker drops it instead.
+KEEPALIVE_S = 5.0
+SILENT_AFTER = 3
+WORKER_GONE = "the worker serving this request stopped answering; retry"
 
 
 class _Timeout(FerryError):
@@ -68,9 +76,7 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
             response, completed = await _relay_stream(request, inbox, settings, deadline,
                                                       early)
             return response
-        reply = early or await _next(inbox, deadline - time.monotonic())
-        if reply is None:
-            raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
+        reply = early or await _answer(inbox, deadline, first.alive_s, settings)
         completed = True
         return _final(request, reply)
     finally:
@@ -80,6 +86,23 @@ async def serve_interactive(request: web.Request, envelope: JobEnvelope) -> web.
         if not completed:
             # Client gone, timed out or failed: the worker must not spend tokens for nobody.
             await asyncio.shield(broker.publish_cancel(job_id))
+
+
+async def _answer(inbox: asyncio.Queue[Reply], deadline: float, alive_s: float | None,
+                  settings: Settings) -> Reply:
+    """The reply after "started". `alive_s`: the worker repeats "started" that often (a worker
+    that does not, an older one, is waited for until the deadline)."""
+    while True:
+        left = deadline - time.monotonic()
+        silence = alive_s * SILENT_AFTER if alive_s is not None else left
+        watching = silence < left  # else the deadline comes first
+        reply = await _next(inbox, min(silence, left))
+        if reply is None:
+            if watching:
+                raise Unavailable(WORKER_GONE)
+            raise _Timeout(f"no answer within {settings.request_timeout_s:g} s")
+        if reply.kind != "started":
+            return reply
 
 
 async def _next(inbox: asyncio.Queue[Reply], within_s: float) -> Reply | None:

@@ -22,7 +22,7 @@ from api.headers import (
     parse_ttl,
     parse_wait,
 )
-from api.interactive import serve_interactive
+from api.interactive import KEEPALIVE_S, serve_interactive
 from api.responses import json_bytes, json_response
 from api.state import (
     ADMISSION,
@@ -128,6 +128,7 @@ def _interactive(request: web.Request, principal: Principal, inbound: Inbound,
         request, inbound, "stream" if inbound.facts.stream else "sync", operation,
         reply_to=request.app[REPLIES].reply_to, caller_hash=principal.owner,
         pickup_deadline=time.time() + settings.pickup_timeout_s, key_id=principal.key_id,
+        keepalive_s=None if inbound.facts.stream else KEEPALIVE_S,
     )
 
 

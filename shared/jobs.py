@@ -115,6 +115,9 @@ class JobEnvelope:
     caller_hash: bytes | None = None
     pickup_deadline: float | None = None
     key_id: uuid.UUID | None = None  # the gateway key, whose tokens the worker counts
+    # Sync requests from an api that watches for a worker's silence: the worker says it is
+    # still serving the request this often (an older api leaves it out, and gets no such reply).
+    keepalive_s: float | None = None
 
     @property
     def stream(self) -> bool:
@@ -142,6 +145,8 @@ class JobEnvelope:
             meta["deadline"] = self.pickup_deadline
         if self.key_id is not None:
             meta["key"] = self.key_id.hex
+        if self.keepalive_s is not None:
+            meta["alive"] = self.keepalive_s
         return _frame(meta, self.body)
 
     @classmethod
@@ -169,12 +174,20 @@ class JobEnvelope:
                 pickup_deadline=(float(meta["deadline"]) if meta.get("deadline") is not None
                                  else None),
                 key_id=uuid.UUID(hex=meta["key"]) if meta.get("key") else None,
+                keepalive_s=_positive(meta.get("alive")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed job message: {exc}") from None
 
     def with_changes(self, **changes: Any) -> JobEnvelope:
         return replace(self, **changes)
+
+
+def _positive(value: Any) -> float | None:
+    """A keepalive interval: a positive number of seconds, else None (not asked for)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if value > 0 else None
 
 
 def _choice(value: Any, allowed: tuple[str, ...]) -> Any:
@@ -195,6 +208,8 @@ class Reply:
     event: str | None = None  # SSE event name, for kind == "event"
     status: int | None = None  # HTTP status, for kind == "error"
     provider_seconds: float | None = None  # time spent in provider calls (final replies)
+    # kind == "started": the worker repeats it this often until the answer (it was asked to).
+    alive_s: float | None = None
     # Response headers for the client: the provider's request-id, rate-limit headers,
     # retry-after, x-should-retry. Sent with the first reply that carries an answer.
     headers: tuple[tuple[str, str], ...] = field(default=())
@@ -207,6 +222,8 @@ class Reply:
             meta["status"] = self.status
         if self.provider_seconds is not None:
             meta["ps"] = self.provider_seconds
+        if self.alive_s is not None:
+            meta["alive"] = self.alive_s
         if self.headers:
             meta["headers"] = [list(h) for h in self.headers]
         return _frame(meta, self.body)
@@ -224,6 +241,7 @@ class Reply:
                 event=str(meta["event"]) if meta.get("event") is not None else None,
                 status=int(status) if status is not None else None,
                 provider_seconds=float(seconds) if seconds is not None else None,
+                alive_s=_positive(meta.get("alive")),
                 headers=tuple((str(n), str(v)) for n, v in meta.get("headers", ())),
             )
         except (TypeError, ValueError) as exc:

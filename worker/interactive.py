@@ -70,6 +70,7 @@ class InteractiveRunner:
         # Requests not yet announced to the api: their "started" timer, then its publish.
         self._unannounced: dict[str, asyncio.TimerHandle] = {}
         self._announcing: dict[str, asyncio.Task[None]] = {}
+        self._serving: set[str] = set()
 
     async def on_message(self, message: Delivery) -> None:
         correlation = message.correlation_id or ""
@@ -123,6 +124,7 @@ class InteractiveRunner:
     async def _serve(self, envelope: JobEnvelope) -> None:
         submitted = datetime.fromtimestamp(time.time(), UTC)
         key = envelope.job_id.hex
+        self._serving.add(key)
         self._unannounced[key] = asyncio.get_running_loop().call_later(
             STARTED_AFTER_S, self._announce, envelope)
         outcome = _Outcome()
@@ -156,6 +158,7 @@ class InteractiveRunner:
                                                      "internal error in the worker",
                                                      envelope.request_id))
         finally:
+            self._serving.discard(key)
             timer = self._unannounced.pop(key, None)
             if timer is not None:
                 timer.cancel()
@@ -222,10 +225,18 @@ class InteractiveRunner:
         task.add_done_callback(lambda _: self._announcing.pop(key, None))
 
     async def _send_started(self, envelope: JobEnvelope) -> None:
+        # An api that asked for it hears "started" again every keepalive_s until the answer: it
+        # takes a long silence for a worker that died with the request. Not for a stream: its
+        # events, and the api's idle timeout, do that.
+        again = None if envelope.stream else envelope.keepalive_s
         try:
-            await self._send(envelope, Reply(kind="started"))
+            await self._send(envelope, Reply(kind="started", alive_s=again))
         except Exception as exc:  # the answer that follows meets the same fault, and says so
             log.warning("could not tell the api a request started", error=str(exc))
+        key = envelope.job_id.hex
+        if again is not None and key in self._serving:
+            self._unannounced[key] = asyncio.get_running_loop().call_later(
+                again, self._announce, envelope)
 
     async def _reply(self, envelope: JobEnvelope, reply: Reply) -> None:
         key = envelope.job_id.hex

@@ -1,10 +1,12 @@
-"""A worker killed with SIGKILL in the middle of its jobs loses none of them."""
+"""A worker killed with SIGKILL in the middle of its jobs loses none of them, and leaves no
+sync client waiting for an answer that will not come."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+import anthropic
 import pytest
 import pytest_asyncio
 
@@ -58,3 +60,31 @@ async def test_jobs_of_a_killed_worker_are_completed_by_the_next_one(ferry: Stac
         calls = await fake_calls(ferry.fake_url, text)
         assert sorted((c["finished"], c["cancelled"]) for c in calls) == [
             (False, True), (True, False)]
+
+
+async def test_a_sync_request_whose_worker_dies_gets_a_503_not_the_deadline(
+        test_run: TestRun, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The worker serving a sync request is killed mid-call. Its message may come back from the
+    broker, or not (past the pickup timeout the broker drops it): either way the client hears
+    a 503 once the worker's keepalives stop, not a 504 at the request deadline (120 s here;
+    the SDK gives up at 60 s, so a gateway that waits for the deadline fails this test)."""
+    async with running_stack(test_run, tmp_path_factory.mktemp("ferry-sync-crash"),
+                             "crashsync", workers=1,
+                             env={"FERRY_REQUEST_TIMEOUT": "120"}) as stack:
+        text = unique("[[fake:delay=90]] orphaned")
+        client = stack.client().with_options(timeout=60)
+        call = asyncio.create_task(client.messages.create(
+            model="claude-sonnet-4-5", max_tokens=16,
+            messages=[{"role": "user", "content": text}]))
+
+        async def in_flight() -> bool:
+            return any(not c["finished"] for c in await fake_calls(stack.fake_url, text))
+
+        await eventually(in_flight, what="the worker to be calling the provider")
+        await asyncio.sleep(1)  # its "started" is out (5 ms after it took the request)
+        stack.kill("worker-1")
+        with pytest.raises(anthropic.APIStatusError) as failure:
+            await call
+        assert failure.value.status_code == 503
+        assert "stopped answering" in failure.value.message
+        assert failure.value.body["error"]["type"] == "api_error"  # type: ignore[index]

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
 
+import orjson
 import pytest
 
-from shared.jobs import JOB_ID_PREFIX, caller_hash, format_job_id, new_job_id, parse_job_id
+from shared.jobs import (
+    JOB_ID_PREFIX,
+    JobEnvelope,
+    Reply,
+    caller_hash,
+    format_job_id,
+    new_job_id,
+    parse_job_id,
+)
 
 KNOWN = uuid.UUID("0123456789abcdef0123456789abcdef")
 
@@ -93,3 +103,27 @@ def test_hash_never_contains_the_key(api_key: str | None, authorization: str | N
     assert secret.encode() not in digest
     assert secret not in digest.hex()
     assert secret.encode().hex() not in digest.hex()
+
+
+def test_keepalive_travels_with_a_sync_request_and_its_started_reply() -> None:
+    envelope = JobEnvelope(job_id=KNOWN, model="m", body=b"{}", mode="sync", keepalive_s=5.0)
+    assert JobEnvelope.decode(KNOWN, envelope.encode(), "replies").keepalive_s == 5.0
+    started = Reply(kind="started", alive_s=5.0)
+    assert Reply.decode(started.encode()).alive_s == 5.0
+
+
+def test_without_keepalive_nothing_is_asked_or_promised() -> None:
+    """What an older api sends, and what an older worker answers: no keepalive either way."""
+    envelope = JobEnvelope(job_id=KNOWN, model="m", body=b"{}", mode="sync")
+    assert b"alive" not in envelope.encode()
+    assert JobEnvelope.decode(KNOWN, envelope.encode(), "replies").keepalive_s is None
+    assert Reply.decode(Reply(kind="started").encode()).alive_s is None
+
+
+@pytest.mark.parametrize("value", [0, -1, "5", True, None, [5]])
+def test_a_keepalive_that_is_not_a_positive_number_counts_as_none(value: object) -> None:
+    meta = orjson.dumps({"model": "m", "mode": "sync", "alive": value})
+    data = struct.pack(">I", len(meta)) + meta + b"{}"
+    assert JobEnvelope.decode(KNOWN, data, "replies").keepalive_s is None
+    reply_meta = orjson.dumps({"kind": "started", "alive": value})
+    assert Reply.decode(struct.pack(">I", len(reply_meta)) + reply_meta).alive_s is None
