@@ -88,6 +88,16 @@ async def test_create_answers_the_providers_text(client: anthropic.AsyncAnthropi
     assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 4)
 
 
+async def test_a_sync_request_longer_than_the_workers_silence_limit_is_answered(
+        client: anthropic.AsyncAnthropic) -> None:
+    """A worker serving a sync request repeats "started" every 5 s; the api takes 15 s without
+    one for a dead worker (tests/acceptance/test_worker_crash.py). A 20 s upstream call is
+    answered, not cut off as dead."""
+    text = unique("[[fake:delay=20]] patience")
+    message = await create(client, text)
+    assert message.content[0].text == echo(text)  # type: ignore[union-attr]
+
+
 async def test_create_answers_several_text_blocks(client: anthropic.AsyncAnthropic) -> None:
     text = unique("[[fake:blocks=3]] three parts")
     message = await create(client, text)
