@@ -116,7 +116,8 @@ async def mid_burst(load: AsyncJobLoad, stack: Stack) -> str:
     messages whose rows no worker can see yet. Up to 5 bursts, each twice the last, try to
     catch exactly that. A design that never shows it (an outbox commits before publishing) is
     caught instead at the first sign of the burst being stored: an open transaction or unread
-    broker bytes."""
+    broker bytes, or (the last burst), since each look at /proc and pg_stat_activity takes long
+    against those moments on a fast machine, part of the burst answered and part not."""
     api = stack.processes["api"].pid
     db_port = urlsplit(stack.database_url).port or 5432
     amqp_port = urlsplit(stack.broker_url).port or 5672
@@ -138,7 +139,12 @@ async def mid_burst(load: AsyncJobLoad, stack: Stack) -> str:
         async def caught(burst: list[Submit], strict: bool) -> str | None:
             if found := await moment(strict):
                 return found
-            return "missed" if all(s.answered_at for s in burst) else None
+            answered = sum(1 for s in burst if s.answered_at)
+            if answered == len(burst):
+                return "missed"
+            if not strict and answered:
+                return f"mid-burst, {answered} of {len(burst)} submits answered"
+            return None
 
         for attempt in range(6):
             # Each miss doubles the burst: on an idle machine the api stores 64 submits faster
