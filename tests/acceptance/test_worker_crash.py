@@ -10,7 +10,7 @@ import anthropic
 import pytest
 import pytest_asyncio
 
-from tests.acceptance.jobs import job_row, result, submit, unique
+from tests.acceptance.jobs import MODEL, job_row, result, submit, unique, user
 from tests.acceptance.stack import Stack, running_stack
 from tests.conftest import TestRun
 from tests.support import eventually, fake_calls
@@ -74,8 +74,7 @@ async def test_a_sync_request_whose_worker_dies_gets_a_503_not_the_deadline(
         text = unique("[[fake:delay=90]] orphaned")
         client = stack.client().with_options(timeout=60)
         call = asyncio.create_task(client.messages.create(
-            model="claude-sonnet-4-5", max_tokens=16,
-            messages=[{"role": "user", "content": text}]))
+            model=MODEL, max_tokens=16, messages=user(text)))
 
         async def in_flight() -> bool:
             return any(not c["finished"] for c in await fake_calls(stack.fake_url, text))

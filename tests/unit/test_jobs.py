@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 import uuid
 
-import orjson
 import pytest
 
 from shared.jobs import (
     JOB_ID_PREFIX,
     JobEnvelope,
     Reply,
+    _frame,
     caller_hash,
     format_job_id,
     new_job_id,
@@ -122,8 +121,6 @@ def test_without_keepalive_nothing_is_asked_or_promised() -> None:
 
 @pytest.mark.parametrize("value", [0, -1, "5", True, None, [5]])
 def test_a_keepalive_that_is_not_a_positive_number_counts_as_none(value: object) -> None:
-    meta = orjson.dumps({"model": "m", "mode": "sync", "alive": value})
-    data = struct.pack(">I", len(meta)) + meta + b"{}"
+    data = _frame({"model": "m", "mode": "sync", "alive": value}, b"{}")
     assert JobEnvelope.decode(KNOWN, data, "replies").keepalive_s is None
-    reply_meta = orjson.dumps({"kind": "started", "alive": value})
-    assert Reply.decode(struct.pack(">I", len(reply_meta)) + reply_meta).alive_s is None
+    assert Reply.decode(_frame({"kind": "started", "alive": value}, b"")).alive_s is None
