@@ -21,7 +21,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection
 
 from shared.logging import get_logger
-from shared.runtime import stop_task
+from shared.runtime import stop_task, wait_set
 
 log = get_logger("ferry.amqp")
 
@@ -118,9 +118,7 @@ class Link:
             raise
 
     async def wait_up(self, timeout_s: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._up.wait(), timeout_s)
-        return self._up.is_set()
+        return await wait_set(self._up, timeout_s)
 
     async def close(self) -> None:
         self._closing = True

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 
 from shared.logging import get_logger
-from shared.runtime import stop_task
+from shared.runtime import stop_task, wait_set
 from shared.store import _TRANSIENT
 
 log = get_logger("ferry.notify")
@@ -43,9 +43,7 @@ class Listener:
             await stop_task(task)
 
     async def wait_listening(self, timeout_s: float) -> bool:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.listening.wait(), timeout_s)
-        return self.listening.is_set()
+        return await wait_set(self.listening, timeout_s)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._on_notify(payload)
